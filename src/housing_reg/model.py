@@ -1,0 +1,165 @@
+"""The 13-64-64-1 MLP with a configurable output head, as R vectorized replicas.
+
+Every layer's weights are stacked along a leading replica axis and applied with one batched
+matmul, so R independent models train in one job for about the cost of one: replica r's loss
+touches only replica r's weights, and RMSprop's state is per element.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.functional import mean_absolute_error, mean_squared_error
+
+
+class StackedMLP(nn.Module):
+    """R independent MLPs: x (R, B, F) or (B, F) -> (R, B, 1) before the head."""
+
+    def __init__(self, num_features: int, hidden: Sequence[int], seeds: Sequence[int]):
+        super().__init__()
+        sizes = [num_features, *hidden, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            self.weights.append(nn.Parameter(torch.empty(len(seeds), fan_in, fan_out)))
+            self.biases.append(nn.Parameter(torch.zeros(len(seeds), 1, fan_out)))
+        self.reset_parameters(seeds)
+
+    @torch.no_grad()
+    def reset_parameters(self, seeds: Sequence[int]) -> None:
+        """Keras defaults: Glorot-uniform weights, zero biases; replica r draws from seeds[r]."""
+        for r, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(seed)
+            for w in self.weights:
+                limit = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
+                w[r].copy_(torch.rand(w.shape[1:], generator=g) * 2 * limit - limit)
+
+    @property
+    def replicas(self) -> int:
+        return self.weights[0].shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.expand(self.replicas, -1, -1)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < last:
+                x = torch.relu(x)
+        return x
+
+
+class Regressor(L.LightningModule):
+    """Trains R replicas on scaled targets; reports every metric in the target's own units.
+
+    The input standardizer and target scaler travel with the model as buffers, so a checkpoint
+    alone turns raw CSV features into predictions in original units.
+    """
+
+    def __init__(self, head: nn.Module, optimizer: Callable[[Iterable], torch.optim.Optimizer],
+                 num_features: int = 13, hidden: Sequence[int] = (64, 64),
+                 seeds: Sequence[int] = (0,), x_shift=0.0, x_scale=1.0,
+                 y_shift=0.0, y_scale=1.0, head_name: str = "none"):
+        super().__init__()
+        self.save_hyperparameters(ignore=["head", "optimizer", "x_shift", "x_scale",
+                                          "y_shift", "y_scale"])
+        self.automatic_optimization = False  # one plain step per batch, no closures
+        self.net = StackedMLP(num_features, list(hidden), list(seeds))
+        self.head = head
+        self.optimizer_factory = optimizer
+        for name, v in (("x_shift", x_shift), ("x_scale", x_scale),
+                        ("y_shift", y_shift), ("y_scale", y_scale)):
+            self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).reshape(-1))
+        self.history: dict[str, list[list[float]]] = {"train/mae": [], "val/mae": []}
+        self.test_predictions: torch.Tensor | None = None  # (R, n_test), original units
+        self.test_targets: torch.Tensor | None = None
+
+    @property
+    def replicas(self) -> int:
+        return self.net.replicas
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled features -> scaled predictions, shape (R, B, 1)."""
+        return self.head(self.net(x))
+
+    def unscale(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.y_scale + self.y_shift
+
+    @torch.no_grad()
+    def predict_raw(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Raw CSV features (N, F) -> predictions in original units, shape (R, N)."""
+        x = (x_raw.to(self.x_shift) - self.x_shift) / self.x_scale
+        return self.unscale(self(x)).squeeze(-1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.parameters())
+
+    # -- training: per-step work is forward, backward, step and two buffer writes ----------
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        n = len(loader.x)
+        self._seen = 0
+        self._pred = torch.empty(self.replicas, n, device=self.device)
+        self._true = torch.empty(self.replicas, n, device=self.device)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        pred = self(x)
+        # Sum over replicas of each replica's mean loss: gradients stay per replica.
+        loss = (pred - y).square().mean(dim=(1, 2)).sum()
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        i, b = self._seen, y.shape[1]
+        self._pred[:, i:i + b] = pred.detach().squeeze(-1)
+        self._true[:, i:i + b] = y.squeeze(-1)
+        self._seen = i + b
+
+    def on_train_epoch_end(self) -> None:
+        pred, true = self._pred[:, :self._seen], self._true[:, :self._seen]
+        if not torch.isfinite(pred).all():
+            raise FloatingPointError(
+                f"training diverged in epoch {self.current_epoch}: predictions became NaN/inf; "
+                "lower optim.lr or scale the targets (data.target_scaling=standard)")
+        loss = (pred - true).square().mean()
+        mae = per_replica(mean_absolute_error, self.unscale(pred), self.unscale(true))
+        self.history["train/mae"].append(mae.tolist())
+        self.log_spread("train/mae", mae)
+        self.log("train/loss", loss)
+
+    # -- evaluation: each split is one full batch ------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if self.trainer.sanity_checking:
+            return
+        x, y = batch
+        pred, true = self.unscale(self(x)).squeeze(-1), self.unscale(y).squeeze(-1)
+        mae = per_replica(mean_absolute_error, pred, true.expand_as(pred))
+        self.history["val/mae"].append(mae.tolist())
+        self.log_spread("val/mae", mae)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        pred, true = self.unscale(self(x)).squeeze(-1), self.unscale(y).squeeze(-1)
+        self.test_predictions, self.test_targets = pred, true
+        self.test_mae = per_replica(mean_absolute_error, pred, true.expand_as(pred))
+        self.test_mse = per_replica(mean_squared_error, pred, true.expand_as(pred))
+        self.log_spread("test/mae", self.test_mae)
+        self.log_spread("test/mse", self.test_mse)
+
+    def log_spread(self, name: str, per_rep: torch.Tensor) -> None:
+        """One scalar for one model; mean, std, min and max across replicas otherwise."""
+        self.log(name, per_rep.mean())
+        if len(per_rep) > 1:
+            self.log(f"{name}_std", per_rep.std())
+            self.log(f"{name}_min", per_rep.min())
+            self.log(f"{name}_max", per_rep.max())
+
+
+def per_replica(metric, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """A torchmetrics functional metric applied to each replica's row: (R, N) -> (R,)."""
+    return torch.stack([metric(p, t) for p, t in zip(pred, true)])
