@@ -33,8 +33,9 @@ class Table:
     target: str
 
 
-def load_csv(path: str | Path | None, target: str = "MEDV",
-             features: Sequence[str] | None = None) -> Table:
+def load_csv(
+    path: str | Path | None, target: str = "MEDV", features: Sequence[str] | None = None
+) -> Table:
     """Read a numeric CSV with a header row; every failure is a one-line DataError."""
     path = Path(path) if path else BOSTON_CSV
     try:
@@ -43,31 +44,41 @@ def load_csv(path: str | Path | None, target: str = "MEDV",
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; set data.path to an existing CSV") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read file ({e}); set data.path to a readable "
-                        "UTF-8 CSV") from None
+        raise DataError(
+            f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
+        ) from None
     rows = [r for r in rows if any(c.strip() for c in r)]  # blank lines carry nothing
     if not rows:
         raise DataError(f"{path}: file is empty; expected a header row and numeric rows")
     header = [h.strip() for h in rows[0]]
     if all(_is_number(h) for h in header):
-        raise DataError(f"{path}: first row {','.join(header[:4])}... is numeric, not a "
-                        "header; add a header row naming the columns")
+        raise DataError(
+            f"{path}: first row {','.join(header[:4])}... is numeric, not a "
+            "header; add a header row naming the columns"
+        )
     if len(set(header)) != len(header) or "" in header:
-        raise DataError(f"{path}: header has empty or duplicate column names: "
-                        f"{','.join(header)}; give every column a unique name")
+        raise DataError(
+            f"{path}: header has empty or duplicate column names: "
+            f"{','.join(header)}; give every column a unique name"
+        )
     if target not in header:
-        raise DataError(f"{path}: target column {target!r} not found; set data.target to "
-                        f"one of: {', '.join(header)}")
+        raise DataError(
+            f"{path}: target column {target!r} not found; set data.target to "
+            f"one of: {', '.join(header)}"
+        )
     if features is None:
         features = [h for h in header if h != target]
     features = list(features)
     missing = [c for c in features if c not in header]
     if missing:
-        raise DataError(f"{path}: feature column(s) {', '.join(missing)} not found; "
-                        f"data.features must name columns among: {', '.join(header)}")
+        raise DataError(
+            f"{path}: feature column(s) {', '.join(missing)} not found; "
+            f"data.features must name columns among: {', '.join(header)}"
+        )
     if target in features or not features:
-        raise DataError(f"{path}: data.features must name at least one column other than "
-                        f"the target {target!r}")
+        raise DataError(
+            f"{path}: data.features must name at least one column other than the target {target!r}"
+        )
     body = rows[1:]
     if not body:
         raise DataError(f"{path}: header but no data rows; add numeric rows")
@@ -75,23 +86,31 @@ def load_csv(path: str | Path | None, target: str = "MEDV",
     for i, row in enumerate(body):
         line = i + 2
         if len(row) != len(header):
-            raise DataError(f"{path}, line {line}: {len(row)} fields but the header has "
-                            f"{len(header)}; make every row as long as the header")
+            raise DataError(
+                f"{path}, line {line}: {len(row)} fields but the header has "
+                f"{len(header)}; make every row as long as the header"
+            )
         for j, cell in enumerate(row):
             try:
                 v = float(cell)
             except ValueError:
-                raise DataError(f"{path}, line {line}, column {header[j]!r}: {cell!r} is not "
-                                "a number; fix or remove that row") from None
+                raise DataError(
+                    f"{path}, line {line}, column {header[j]!r}: {cell!r} is not "
+                    "a number; fix or remove that row"
+                ) from None
             if not math.isfinite(v):
-                raise DataError(f"{path}, line {line}, column {header[j]!r}: {cell!r} is "
-                                "not a finite number; fill in or remove that row")
+                raise DataError(
+                    f"{path}, line {line}, column {header[j]!r}: {cell!r} is "
+                    "not a finite number; fill in or remove that row"
+                )
             values[i, j] = v
     x = values[:, [header.index(c) for c in features]]
-    constant = [c for c, col in zip(features, x.T) if np.all(col == col[0])]
+    constant = [c for c, col in zip(features, x.T, strict=True) if np.all(col == col[0])]
     if constant:
-        raise DataError(f"{path}: feature column(s) {', '.join(constant)} are constant and "
-                        "cannot be standardized; leave them out with data.features=[...]")
+        raise DataError(
+            f"{path}: feature column(s) {', '.join(constant)} are constant and "
+            "cannot be standardized; leave them out with data.features=[...]"
+        )
     return Table(x, values[:, header.index(target)], tuple(features), target)
 
 
@@ -155,8 +174,14 @@ class EpochBatches:
     depends only on (seed_r, e), so a resumed run or a lone replica sees the same batches.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 seeds: Sequence[int], epoch: Callable[[], int]):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        seeds: Sequence[int],
+        epoch: Callable[[], int],
+    ):
         self.x, self.y, self.batch_size, self.seeds, self.epoch = x, y, batch_size, seeds, epoch
 
     def __len__(self) -> int:
@@ -164,11 +189,12 @@ class EpochBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         e = self.epoch()
-        order = torch.from_numpy(np.stack(
-            [np.random.default_rng((s, e)).permutation(len(self.x)) for s in self.seeds]))
+        order = torch.from_numpy(
+            np.stack([np.random.default_rng((s, e)).permutation(len(self.x)) for s in self.seeds])
+        )
         x, y = self.x[order], self.y[order]  # one gather per epoch, then views
         for i in range(0, len(self.x), self.batch_size):
-            yield x[:, i:i + self.batch_size], y[:, i:i + self.batch_size]
+            yield x[:, i : i + self.batch_size], y[:, i : i + self.batch_size]
 
 
 class FullBatch:
@@ -188,15 +214,33 @@ class FullBatch:
 class RegressionData(L.LightningDataModule):
     """A numeric CSV split Keras-style into train/test, with optional validation fold."""
 
-    def __init__(self, path: str | None = None, target: str = "MEDV",
-                 features: Sequence[str] | None = None, test_split: float = 0.2,
-                 split_seed: int = 113, val_fraction: float = 0.0, num_folds: int = 0,
-                 fold: int = 0, batch_size: int = 1, target_scaling: str = "none",
-                 target_range: Sequence[float] = (0.0, 1.0), seed: int = 0,
-                 replicas: int = 1):
+    def __init__(
+        self,
+        path: str | None = None,
+        target: str = "MEDV",
+        features: Sequence[str] | None = None,
+        test_split: float = 0.2,
+        split_seed: int = 113,
+        val_fraction: float = 0.0,
+        num_folds: int = 0,
+        fold: int = 0,
+        batch_size: int = 1,
+        target_scaling: str = "none",
+        target_range: Sequence[float] = (0.0, 1.0),
+        seed: int = 0,
+        replicas: int = 1,
+    ):
         super().__init__()
-        check_settings(test_split, val_fraction, num_folds, fold, batch_size, target_scaling,
-                       target_range, replicas)
+        check_settings(
+            test_split,
+            val_fraction,
+            num_folds,
+            fold,
+            batch_size,
+            target_scaling,
+            target_range,
+            replicas,
+        )
         self.batch_size, self.seed, self.replicas = batch_size, seed, replicas
         table = load_csv(path, target, features)
         self.features, self.target = table.features, table.target
@@ -205,24 +249,31 @@ class RegressionData(L.LightningDataModule):
             fit_idx, val_idx = fold_split(len(train_idx), num_folds, fold)
         elif val_fraction:
             n_val = max(1, round(len(train_idx) * val_fraction))
-            fit_idx, val_idx = np.arange(len(train_idx) - n_val), \
-                np.arange(len(train_idx) - n_val, len(train_idx))
+            fit_idx, val_idx = (
+                np.arange(len(train_idx) - n_val),
+                np.arange(len(train_idx) - n_val, len(train_idx)),
+            )
         else:
             fit_idx, val_idx = np.arange(len(train_idx)), np.arange(0)
         fit_idx, val_idx = train_idx[fit_idx], train_idx[val_idx]
         if len(fit_idx) < 2 or len(test_idx) < 1:
-            raise DataError(f"data: {len(table.y)} rows leave {len(fit_idx)} to train on and "
-                            f"{len(test_idx)} to test; supply more rows or change "
-                            "data.test_split / data.num_folds")
+            raise DataError(
+                f"data: {len(table.y)} rows leave {len(fit_idx)} to train on and "
+                f"{len(test_idx)} to test; supply more rows or change "
+                "data.test_split / data.num_folds"
+            )
         if batch_size > len(fit_idx):
-            raise DataError(f"data.batch_size={batch_size} is larger than the {len(fit_idx)} "
-                            "training rows; choose a batch size between 1 and that")
+            raise DataError(
+                f"data.batch_size={batch_size} is larger than the {len(fit_idx)} "
+                "training rows; choose a batch size between 1 and that"
+            )
         x_fit, y_fit = table.x[fit_idx], table.y[fit_idx]
         self.x_scaler = standardizer(x_fit)
         self.y_scaler = target_scaler(y_fit, target_scaling, target_range)
-        self.splits = {name: (self._x(table.x[idx]), self._y(table.y[idx]))
-                       for name, idx in (("train", fit_idx), ("val", val_idx),
-                                         ("test", test_idx))}
+        self.splits = {
+            name: (self._x(table.x[idx]), self._y(table.y[idx]))
+            for name, idx in (("train", fit_idx), ("val", val_idx), ("test", test_idx))
+        }
 
     def _x(self, a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(self.x_scaler(a), dtype=torch.float32)
@@ -239,8 +290,13 @@ class RegressionData(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochBatches:
         x, y = self.splits["train"]
-        return EpochBatches(x, y, self.batch_size, self.replica_seeds(),
-                            lambda: self.trainer.current_epoch if self.trainer else 0)
+        return EpochBatches(
+            x,
+            y,
+            self.batch_size,
+            self.replica_seeds(),
+            lambda: self.trainer.current_epoch if self.trainer else 0,
+        )
 
     def val_dataloader(self) -> FullBatch:
         return FullBatch(*self.splits["val"])
@@ -253,27 +309,41 @@ class RegressionData(L.LightningDataModule):
         return self.y_scaler.inverse(y.double()).float()
 
 
-def check_settings(test_split: float, val_fraction: float, num_folds: int, fold: int,
-                   batch_size: int, target_scaling: str, target_range: Sequence[float],
-                   replicas: int) -> None:
+def check_settings(
+    test_split: float,
+    val_fraction: float,
+    num_folds: int,
+    fold: int,
+    batch_size: int,
+    target_scaling: str,
+    target_range: Sequence[float],
+    replicas: int,
+) -> None:
     if not 0 < test_split < 1:
-        raise DataError(f"data.test_split={test_split} must lie strictly between 0 and 1 "
-                        "(e.g. 0.2)")
+        raise DataError(
+            f"data.test_split={test_split} must lie strictly between 0 and 1 (e.g. 0.2)"
+        )
     if not 0 <= val_fraction < 1:
-        raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1) (0 = no "
-                        "validation set)")
+        raise DataError(
+            f"data.val_fraction={val_fraction} must be in [0, 1) (0 = no validation set)"
+        )
     if num_folds == 1 or num_folds < 0:
         raise DataError(f"data.num_folds={num_folds} must be 0 (no cross-validation) or >= 2")
     if num_folds and not 0 <= fold < num_folds:
-        raise DataError(f"data.fold={fold} must be in [0, {num_folds}) for "
-                        f"data.num_folds={num_folds}")
+        raise DataError(
+            f"data.fold={fold} must be in [0, {num_folds}) for data.num_folds={num_folds}"
+        )
     if batch_size < 1:
         raise DataError(f"data.batch_size={batch_size} must be >= 1")
     if target_scaling not in TARGET_SCALINGS:
-        raise DataError(f"data.target_scaling={target_scaling!r} is unknown; choose one of "
-                        f"{', '.join(TARGET_SCALINGS)}")
+        raise DataError(
+            f"data.target_scaling={target_scaling!r} is unknown; choose one of "
+            f"{', '.join(TARGET_SCALINGS)}"
+        )
     if len(target_range) != 2 or not target_range[0] < target_range[1]:
-        raise DataError(f"data.target_range={list(target_range)} must be [low, high] with "
-                        "low < high, e.g. [0, 1] for sigmoid or [-1, 1] for tanh")
+        raise DataError(
+            f"data.target_range={list(target_range)} must be [low, high] with "
+            "low < high, e.g. [0, 1] for sigmoid or [-1, 1] for tanh"
+        )
     if replicas < 1:
         raise DataError(f"model.replicas={replicas} must be >= 1")

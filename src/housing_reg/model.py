@@ -24,7 +24,7 @@ class StackedMLP(nn.Module):
         sizes = [num_features, *hidden, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
             self.weights.append(nn.Parameter(torch.empty(len(seeds), fan_in, fan_out)))
             self.biases.append(nn.Parameter(torch.zeros(len(seeds), 1, fan_out)))
         self.reset_parameters(seeds)
@@ -46,7 +46,7 @@ class StackedMLP(nn.Module):
         if x.dim() == 2:
             x = x.expand(self.replicas, -1, -1)
         last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.baddbmm(b, x, w)
             if i < last:
                 x = torch.relu(x)
@@ -60,19 +60,33 @@ class Regressor(L.LightningModule):
     alone turns raw CSV features into predictions in original units.
     """
 
-    def __init__(self, head: nn.Module, optimizer: Callable[[Iterable], torch.optim.Optimizer],
-                 num_features: int = 13, hidden: Sequence[int] = (64, 64),
-                 seeds: Sequence[int] = (0,), x_shift=0.0, x_scale=1.0,
-                 y_shift=0.0, y_scale=1.0, head_name: str = "none"):
+    def __init__(
+        self,
+        head: nn.Module,
+        optimizer: Callable[[Iterable], torch.optim.Optimizer],
+        num_features: int = 13,
+        hidden: Sequence[int] = (64, 64),
+        seeds: Sequence[int] = (0,),
+        x_shift=0.0,
+        x_scale=1.0,
+        y_shift=0.0,
+        y_scale=1.0,
+        head_name: str = "none",
+    ):
         super().__init__()
-        self.save_hyperparameters(ignore=["head", "optimizer", "x_shift", "x_scale",
-                                          "y_shift", "y_scale"])
+        self.save_hyperparameters(
+            ignore=["head", "optimizer", "x_shift", "x_scale", "y_shift", "y_scale"]
+        )
         self.automatic_optimization = False  # one plain step per batch, no closures
         self.net = StackedMLP(num_features, list(hidden), list(seeds))
         self.head = head
         self.optimizer_factory = optimizer
-        for name, v in (("x_shift", x_shift), ("x_scale", x_scale),
-                        ("y_shift", y_shift), ("y_scale", y_scale)):
+        for name, v in (
+            ("x_shift", x_shift),
+            ("x_scale", x_scale),
+            ("y_shift", y_shift),
+            ("y_scale", y_scale),
+        ):
             self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).reshape(-1))
         self.history: dict[str, list[list[float]]] = {"train/mae": [], "val/mae": []}
         self.test_predictions: torch.Tensor | None = None  # (R, n_test), original units
@@ -116,16 +130,17 @@ class Regressor(L.LightningModule):
         self.manual_backward(loss)
         opt.step()
         i, b = self._seen, y.shape[1]
-        self._pred[:, i:i + b] = pred.detach().squeeze(-1)
-        self._true[:, i:i + b] = y.squeeze(-1)
+        self._pred[:, i : i + b] = pred.detach().squeeze(-1)
+        self._true[:, i : i + b] = y.squeeze(-1)
         self._seen = i + b
 
     def on_train_epoch_end(self) -> None:
-        pred, true = self._pred[:, :self._seen], self._true[:, :self._seen]
+        pred, true = self._pred[:, : self._seen], self._true[:, : self._seen]
         if not torch.isfinite(pred).all():
             raise FloatingPointError(
                 f"training diverged in epoch {self.current_epoch}: predictions became NaN/inf; "
-                "lower optim.lr or scale the targets (data.target_scaling=standard)")
+                "lower optim.lr or scale the targets (data.target_scaling=standard)"
+            )
         loss = (pred - true).square().mean()
         mae = per_replica(mean_absolute_error, self.unscale(pred), self.unscale(true))
         self.history["train/mae"].append(mae.tolist())
@@ -162,4 +177,4 @@ class Regressor(L.LightningModule):
 
 def per_replica(metric, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """A torchmetrics functional metric applied to each replica's row: (R, N) -> (R,)."""
-    return torch.stack([metric(p, t) for p, t in zip(pred, true)])
+    return torch.stack([metric(p, t) for p, t in zip(pred, true, strict=True)])

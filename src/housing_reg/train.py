@@ -34,7 +34,8 @@ from housing_reg.model import Regressor
 log = logging.getLogger(__name__)
 # Lightning advertises a cloud logger on every run; a sweep would print it once per job.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: "litlogger" not in record.getMessage())
+    lambda record: "litlogger" not in record.getMessage()
+)
 warnings.filterwarnings("ignore", message=".*across ranks is zero")  # no val split: intended
 warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # lightning vs torch
 
@@ -50,8 +51,10 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0 (e.g. optim.lr=1e-3)")
     if not cfg.model.hidden or min(cfg.model.hidden) < 1:
-        raise ConfigError(f"model.hidden={list(cfg.model.hidden)} must be a non-empty list of "
-                          "positive layer widths, e.g. model.hidden=[64,64]")
+        raise ConfigError(
+            f"model.hidden={list(cfg.model.hidden)} must be a non-empty list of "
+            "positive layer widths, e.g. model.hidden=[64,64]"
+        )
     if cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads} must be >= 1")
 
@@ -66,11 +69,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     data: RegressionData = instantiate(cfg.data)
     model = Regressor(
-        head=instantiate(cfg.head.activation), optimizer=instantiate(cfg.optim),
-        num_features=data.num_features, hidden=list(cfg.model.hidden),
-        seeds=data.replica_seeds(), head_name=cfg.head.name,
-        x_shift=data.x_scaler.shift, x_scale=data.x_scaler.scale,
-        y_shift=data.y_scaler.shift, y_scale=data.y_scaler.scale)
+        head=instantiate(cfg.head.activation),
+        optimizer=instantiate(cfg.optim),
+        num_features=data.num_features,
+        hidden=list(cfg.model.hidden),
+        seeds=data.replica_seeds(),
+        head_name=cfg.head.name,
+        x_shift=data.x_scaler.shift,
+        x_scale=data.x_scaler.scale,
+        y_shift=data.y_scaler.shift,
+        y_scale=data.y_scaler.scale,
+    )
     trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger))
 
     gc.collect()
@@ -87,8 +96,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def collect_metrics(cfg: DictConfig, model: Regressor, trainer: L.Trainer,
-                    fit_seconds: float) -> dict[str, Any]:
+def collect_metrics(
+    cfg: DictConfig, model: Regressor, trainer: L.Trainer, fit_seconds: float
+) -> dict[str, Any]:
     """Per-replica numbers plus their mean (and std when there are several)."""
     per_replica: dict[str, list[float]] = {
         "train/mae": model.history["train/mae"][-1],
@@ -99,10 +109,16 @@ def collect_metrics(cfg: DictConfig, model: Regressor, trainer: L.Trainer,
         per_replica["val/mae"] = model.history["val/mae"][-1]
     seeds = list(model.hparams.seeds)
     metrics: dict[str, Any] = {
-        "status": "ok", "head": cfg.head.name, "seed": cfg.seed, "replicas": len(seeds),
-        "target_scaling": cfg.data.target_scaling, "fold": cfg.data.fold if cfg.data.num_folds
-        else None, "lr": cfg.optim.lr, "batch_size": cfg.data.batch_size,
-        "epochs": trainer.current_epoch, "steps": trainer.global_step,
+        "status": "ok",
+        "head": cfg.head.name,
+        "seed": cfg.seed,
+        "replicas": len(seeds),
+        "target_scaling": cfg.data.target_scaling,
+        "fold": cfg.data.fold if cfg.data.num_folds else None,
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.data.batch_size,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
         "fit_seconds": round(fit_seconds, 4),
     }
     for name, values in per_replica.items():
@@ -112,7 +128,8 @@ def collect_metrics(cfg: DictConfig, model: Regressor, trainer: L.Trainer,
             metrics[f"{name}_std"] = t.std().item()
     metrics["per_replica"] = [
         {"seed": s, **{name: values[r] for name, values in per_replica.items()}}
-        for r, s in enumerate(seeds)]
+        for r, s in enumerate(seeds)
+    ]
     metrics["history"] = model.history
     metrics["versions"] = {p: version(p) for p in ("housing_reg", "torch", "lightning")}
     return metrics
@@ -120,11 +137,18 @@ def collect_metrics(cfg: DictConfig, model: Regressor, trainer: L.Trainer,
 
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
     """HPARAMS tab: the main settings against the final metrics, which the run logged."""
-    hp = {"head": cfg.head.name, "seed": cfg.seed, "lr": cfg.optim.lr,
-          "optimizer": cfg.optim._target_.rsplit(".", 1)[-1],
-          "batch_size": cfg.data.batch_size, "max_epochs": cfg.trainer.max_epochs,
-          "hidden": "x".join(map(str, cfg.model.hidden)), "replicas": cfg.model.replicas,
-          "target_scaling": cfg.data.target_scaling, "fold": cfg.data.fold}
+    hp = {
+        "head": cfg.head.name,
+        "seed": cfg.seed,
+        "lr": cfg.optim.lr,
+        "optimizer": cfg.optim._target_.rsplit(".", 1)[-1],
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "hidden": "x".join(map(str, cfg.model.hidden)),
+        "replicas": cfg.model.replicas,
+        "target_scaling": cfg.data.target_scaling,
+        "fold": cfg.data.fold,
+    }
     names = [k for k in ("train/mae", "val/mae", "test/mae", "test/mse") if k in metrics]
     writer = trainer.logger.experiment
     for summary in hparams(hp, {k: metrics[k] for k in names}):
@@ -135,8 +159,9 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) ->
 def write_predictions(path: Path, model: Regressor) -> None:
     """Test rows in test-set order, in the target's units; one column per replica if R > 1."""
     pred, true = model.test_predictions, model.test_targets
-    header = ["y_true", "y_pred"] + ([f"y_pred_{r}" for r in range(len(pred))]
-                                     if len(pred) > 1 else [])
+    header = ["y_true", "y_pred"] + (
+        [f"y_pred_{r}" for r in range(len(pred))] if len(pred) > 1 else []
+    )
     mean = pred.mean(dim=0)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
@@ -188,8 +213,9 @@ def _job_order(p: Path) -> tuple[int, str]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'job':<40} {'head':<8} {'train/mae':>10} {'test/mae':>10}"]
     for r in rows:
-        lines.append(f"{r['job'][:40]:<40} {r['head']:<8} {r['train/mae']:>10.3f} "
-                     f"{r['test/mae']:>10.3f}")
+        lines.append(
+            f"{r['job'][:40]:<40} {r['head']:<8} {r['train/mae']:>10.3f} {r['test/mae']:>10.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -198,9 +224,14 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except (ConfigError, DataError, FloatingPointError) as e:
-        write_json(Path(cfg.output_dir) / "metrics.json",
-                   {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                    "config": OmegaConf.to_container(cfg, resolve=True)})
+        write_json(
+            Path(cfg.output_dir) / "metrics.json",
+            {
+                "status": "failed",
+                "error": f"{type(e).__name__}: {e}",
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            },
+        )
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error("job failed: %s", e)  # the sweep goes on; its summary lists this job
             return None
