@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+FAST = ["trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0"]
 
 
 @pytest.fixture
@@ -21,28 +21,41 @@ def make_cfg(tmp_path: Path):
 
     def _make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
         with initialize_config_module("housing_reg.conf", version_base="1.3"):
-            return compose("config", overrides=[f"output_dir={output_dir or tmp_path}",
-                                                 *overrides])
+            return compose("config", overrides=[f"output_dir={output_dir or tmp_path}", *overrides])
 
     return _make
 
 
-def run_cli(*args: str, cwd: Path, module: str = "housing_reg.train",
-            check: bool = True, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str,
+    cwd: Path,
+    module: str = "housing_reg.train",
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """`python -m housing_reg.train ...` in a subprocess, as a user would type it."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, text=True,
-                          capture_output=True, env={**os.environ, **(env or {})}, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
 def job_dirs(sweep_root: Path) -> list[Path]:
     """Every job directory (one holding .hydra/) under a multirun root, in job order."""
-    jobs = [p.parent for p in sweep_root.rglob(".hydra") if (p.parent / "metrics.json").exists()
-            or p.parent.name[:1].isdigit()]
+    jobs = [
+        p.parent
+        for p in sweep_root.rglob(".hydra")
+        if (p.parent / "metrics.json").exists() or p.parent.name[:1].isdigit()
+    ]
     return sorted(jobs, key=lambda p: int(p.name.split("_", 1)[0]))
 
 

@@ -80,7 +80,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         y_shift=data.y_scaler.shift,
         y_scale=data.y_scaler.scale,
     )
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger))
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks
+    )
 
     gc.collect()
     gc.freeze()  # a full collection mid-fit would rescan every import-time object
