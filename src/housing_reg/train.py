@@ -59,14 +59,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"threads={cfg.threads} must be >= 1")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit on the training rows, test on the held-out rows, write the job directory."""
+def build(cfg: DictConfig) -> tuple[RegressionData, Regressor, L.Trainer]:
+    """Config -> data module, model and trainer, wired the same way for every entry point."""
     check_config(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)  # 64-wide matmuls: threads cost more than they give
     L.seed_everything(cfg.seed, verbose=False)
-
     data: RegressionData = instantiate(cfg.data)
     model = Regressor(
         head=instantiate(cfg.head.activation),
@@ -84,6 +81,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks
     )
+    return data, model, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit on the training rows, test on the held-out rows, write the job directory."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, model, trainer = build(cfg)
 
     gc.collect()
     gc.freeze()  # a full collection mid-fit would rescan every import-time object
