@@ -1,0 +1,84 @@
+"""The configs resolve from a wheel installed into a fresh venv, far from the source tree."""
+
+from __future__ import annotations
+
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_and_trains_outside_the_repo(tmp_path: Path):
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
+        check=True,
+    )
+    wheel = next(dist.glob("housing_reg-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        text=True,
+        capture_output=True,
+    )
+    new_site = Path(purelib.stdout.strip())
+    # Dependencies (torch, lightning, ...) come from the test's environment, appended after the
+    # fresh venv's own site-packages; its .pth files (the editable install) are not processed.
+    (new_site / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(new_site),
+            str(wheel),
+        ],
+        check=True,
+    )
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = subprocess.run(
+        [python, "-c", "import housing_reg; print(housing_reg.__file__)"],
+        cwd=work,
+        check=True,
+        text=True,
+        capture_output=True,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(venv)
+    proc = subprocess.run(
+        [
+            python,
+            "-m",
+            "housing_reg.train",
+            "trainer.max_epochs=1",
+            "hydra.run.dir=job",
+            "callbacks.progress_bar.refresh_rate=0",
+        ],
+        cwd=work,
+        text=True,
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (work / "job" / "metrics.json").exists()
+    assert (work / "job" / ".hydra" / "config.yaml").exists()
