@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
 )
+# hydra/launcher=joblib: as many worker processes as there are cores for `threads` each.
+OmegaConf.register_new_resolver(
+    "housing_reg.parallel_jobs",
+    lambda threads: max(1, (os.cpu_count() or 1) // int(threads)),
+    replace=True,
+)
 warnings.filterwarnings("ignore", message=".*across ranks is zero")  # no val split: intended
 warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # lightning vs torch
 

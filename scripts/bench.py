@@ -1,0 +1,174 @@
+"""Per-step cost of housing_reg's training paths against a plain PyTorch loop, in one run.
+
+    python scripts/bench.py [--repeats 3] [--out bench.json]
+
+The workload is thousands of tiny steps (batch 1, 13-64-64-1), so what is measured is
+per-step overhead. Every measurement is repeated (interleaved, so drift hits all alike) and
+the median is reported, as microseconds per optimizer step and as a ratio to the plain loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from torch import nn
+
+from housing_reg.data import RegressionData
+from housing_reg.model import StackedMLP
+from housing_reg.train import build
+
+EPOCHS = 7
+HEADS = ["relu", "none", "sigmoid", "tanh"]
+
+
+def plain_loop(epochs: int = EPOCHS) -> float:
+    """The baseline: eager PyTorch, same data, model, init, optimizer; µs per step."""
+    torch.set_num_threads(1)
+    x, y = RegressionData().splits["train"]
+    net = nn.Sequential(
+        nn.Linear(13, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
+    )
+    stacked = StackedMLP(13, [64, 64], seeds=[0])  # the same Glorot draw as housing_reg
+    with torch.no_grad():
+        for lin, w in zip([net[0], net[2], net[4]], stacked.weights, strict=True):
+            lin.weight.copy_(w[0].T)
+            lin.bias.zero_()
+    opt = torch.optim.RMSprop(net.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        xs, ys = x[order], y[order]
+        for i in range(len(x)):
+            loss = (net(xs[i : i + 1]) - ys[i : i + 1]).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return (time.perf_counter() - start) / (epochs * len(x)) * 1e6
+
+
+def lightning_fit(*overrides: str) -> float:
+    """housing_reg's own path (build + Trainer.fit, progress bar and logger on); µs/step."""
+    with (
+        tempfile.TemporaryDirectory() as out,
+        initialize_config_module("housing_reg.conf", version_base="1.3"),
+    ):
+        cfg = compose("config", overrides=[f"output_dir={out}", *overrides])
+        data, model, trainer = build(cfg)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        return (time.perf_counter() - start) / trainer.global_step * 1e6
+
+
+def cli_sweep(*overrides: str) -> float:
+    """The head sweep end to end as a user runs it (imports and start-up included); µs/step."""
+    with tempfile.TemporaryDirectory() as cwd:
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "housing_reg.train",
+                "-m",
+                f"head={','.join(HEADS)}",
+                *overrides,
+            ],
+            cwd=cwd,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wall = time.perf_counter() - start
+    return wall / (len(HEADS) * EPOCHS * 404) * 1e6
+
+
+def machine() -> dict[str, str | int]:
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the CLI sweeps")
+    args = parser.parse_args()
+
+    quiet = "callbacks.progress_bar.refresh_rate=100"
+    cases: dict[str, tuple] = {
+        "plain PyTorch loop (baseline)": (plain_loop,),
+        "housing_reg Lightning fit": (lightning_fit, quiet),
+        "replicas=1": (lightning_fit, quiet, "model.replicas=1"),
+        "replicas=10": (lightning_fit, quiet, "model.replicas=10"),
+        "replicas=40": (lightning_fit, quiet, "model.replicas=40"),
+    }
+    if not args.no_sweeps:
+        cases["CLI sweep, 4 heads"] = (cli_sweep,)
+        cases["CLI sweep, 4 heads x 10 replicas"] = (cli_sweep, "model.replicas=10")
+        if find_spec("hydra_plugins.hydra_joblib_launcher"):
+            cases["CLI sweep, 4 heads, hydra/launcher=parallel"] = (
+                cli_sweep,
+                "hydra/launcher=parallel",
+            )
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for rep in range(args.repeats):
+        for name, (fn, *fn_args) in cases.items():
+            samples[name].append(fn(*fn_args))
+            print(
+                f"[{rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.0f} µs/step",
+                file=sys.stderr,
+            )
+
+    base = statistics.median(samples["plain PyTorch loop (baseline)"])
+    r1 = statistics.median(samples["replicas=1"])
+    rows = []
+    print(f"\n{'path':<46} {'µs/step':>9} {'x plain':>8} {'x R=1':>7}")
+    for name, values in samples.items():
+        med = statistics.median(values)
+        rows.append(
+            {
+                "path": name,
+                "us_per_step": med,
+                "ratio_to_plain": med / base,
+                "ratio_to_replicas_1": med / r1,
+                "samples": values,
+            }
+        )
+        print(f"{name:<46} {med:>9.0f} {med / base:>8.2f} {med / r1:>7.2f}")
+    args.out.write_text(
+        json.dumps(
+            {"machine": machine(), "repeats": args.repeats, "epochs": EPOCHS, "results": rows},
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
