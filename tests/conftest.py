@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 FAST = ["trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0"]
 
@@ -61,3 +62,10 @@ def job_dirs(sweep_root: Path) -> list[Path]:
 
 def read_metrics(job: Path) -> dict:
     return json.loads((job / "metrics.json").read_text())
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar TensorBoard holds for one run directory, read with its own reader."""
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -12,14 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from housing_reg.train import build, train
 
-from conftest import FAST, job_dirs, read_metrics, run_cli
-
-
-def scalars(run_dir: Path) -> dict[str, list[float]]:
-    """Every scalar TensorBoard holds for one run directory, read with its own reader."""
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
 
 
 def test_overrides_reach_the_model_optimizer_and_trainer(make_cfg):

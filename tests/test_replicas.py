@@ -1,0 +1,52 @@
+"""model.replicas=R: R independent models in one job, each equal to its own lone run."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from housing_reg.train import train
+
+from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
+
+
+def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
+    many = train(
+        make_cfg(
+            *FAST,
+            "model.replicas=3",
+            "seed=10",
+            "data.val_fraction=0.2",
+            output_dir=tmp_path / "many",
+        )
+    )
+    lone = train(make_cfg(*FAST, "seed=12", "data.val_fraction=0.2", output_dir=tmp_path / "lone"))
+    third = many["per_replica"][2]
+    assert third["seed"] == 12
+    for key in ("train/mae", "val/mae", "test/mae", "test/mse"):
+        assert third[key] == pytest.approx(lone[key], rel=1e-4), key
+    # Different seeds really are different models.
+    assert many["per_replica"][0]["test/mae"] != pytest.approx(third["test/mae"], rel=1e-4)
+    # Summary numbers are the replica mean and spread, also in TensorBoard.
+    maes = [r["test/mae"] for r in many["per_replica"]]
+    assert many["test/mae"] == pytest.approx(sum(maes) / 3)
+    assert many["test/mae_std"] > 0
+    tb = scalars(tmp_path / "many")
+    assert tb["test/mae"][-1] == pytest.approx(many["test/mae"], rel=1e-6)
+    assert tb["test/mae_std"][-1] == pytest.approx(many["test/mae_std"], rel=1e-5)
+    assert tb["test/mae_min"][-1] == pytest.approx(min(maes), rel=1e-6)
+    # One predictions column per replica besides their mean.
+    header = (tmp_path / "many" / "predictions.csv").read_text().splitlines()[0]
+    assert header == "y_true,y_pred,y_pred_0,y_pred_1,y_pred_2"
+
+
+@pytest.mark.skipif(
+    not find_spec("hydra_plugins.hydra_joblib_launcher"), reason="needs the joblib extra"
+)
+def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path: Path):
+    proc = run_cli("-m", "hydra/launcher=parallel", "head=none,sigmoid", *FAST, cwd=tmp_path)
+    assert "Joblib.Parallel(n_jobs=" in proc.stderr + proc.stdout
+    jobs = job_dirs(tmp_path / "multirun")
+    assert [read_metrics(j)["head"] for j in jobs] == ["none", "sigmoid"]
