@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import lightning as L
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics.functional import mean_absolute_error, mean_squared_error
 
 
@@ -138,8 +139,8 @@ class Regressor(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         pred = self(x)
-        # Sum over replicas of each replica's mean loss: gradients stay per replica.
-        loss = (pred - y).square().mean(dim=(1, 2)).sum()
+        # Sum over replicas of each replica's mean loss, so gradients stay per replica.
+        loss = F.mse_loss(pred, y, reduction="sum") / y.shape[1]
         self._opt.zero_grad()
         self.manual_backward(loss)
         self._opt.step()
