@@ -21,6 +21,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra import compose, initialize_config_module
 from torch import nn
@@ -57,6 +58,37 @@ def plain_loop(epochs: int = EPOCHS) -> float:
             loss.backward()
             opt.step()
     return (time.perf_counter() - start) / (epochs * len(x)) * 1e6
+
+
+class EmptyStep(L.LightningModule):
+    """Lightning's floor: its loop around a training_step that does nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.RMSprop(self.parameters())
+
+
+def lightning_floor(epochs: int = EPOCHS) -> float:
+    """Per-batch cost of Lightning's own loop over the same in-memory batches; µs/step."""
+    data = RegressionData()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    start = time.perf_counter()
+    trainer.fit(EmptyStep(), train_dataloaders=data.train_dataloader())
+    return (time.perf_counter() - start) / (epochs * 404) * 1e6
 
 
 def lightning_fit(*overrides: str) -> float:
@@ -122,6 +154,7 @@ def main() -> None:
     quiet = "callbacks.progress_bar.refresh_rate=100"
     cases: dict[str, tuple] = {
         "plain PyTorch loop (baseline)": (plain_loop,),
+        "Lightning floor: empty training_step": (lightning_floor,),
         "housing_reg Lightning fit": (lightning_fit, quiet),
         "replicas=1": (lightning_fit, quiet, "model.replicas=1"),
         "replicas=10": (lightning_fit, quiet, "model.replicas=10"),
