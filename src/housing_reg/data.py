@@ -34,23 +34,34 @@ class Table:
 
 
 def load_csv(
-    path: str | Path | None, target: str = "MEDV", features: Sequence[str] | None = None
+    path: str | Path | None,
+    target: str = "MEDV",
+    features: Sequence[str] | None = None,
+    allow_constant: bool = False,
 ) -> Table:
-    """Read a numeric CSV with a header row; every failure is a one-line DataError."""
+    """Read a numeric CSV with a header row; every failure is a one-line DataError.
+
+    Constant feature columns are refused unless allow_constant (rows to predict on, not to fit
+    a standardizer on): their standard deviation is 0, and dividing by it is undefined.
+    """
     path = Path(path) if path else BOSTON_CSV
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            # (line number, cells); blank lines carry nothing
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; set data.path to an existing CSV") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(
             f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
         ) from None
-    rows = [r for r in rows if any(c.strip() for c in r)]  # blank lines carry nothing
+    except csv.Error as e:
+        raise DataError(f"{path}: not a valid CSV ({e}); fix the file") from None
     if not rows:
         raise DataError(f"{path}: file is empty; expected a header row and numeric rows")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][1]]
     if all(_is_number(h) for h in header):
         raise DataError(
             f"{path}: first row {','.join(header[:4])}... is numeric, not a "
@@ -83,30 +94,30 @@ def load_csv(
     if not body:
         raise DataError(f"{path}: header but no data rows; add numeric rows")
     values = np.empty((len(body), len(header)))
-    for i, row in enumerate(body):
-        line = i + 2
+    for i, (line, row) in enumerate(body):
         if len(row) != len(header):
             raise DataError(
                 f"{path}, line {line}: {len(row)} fields but the header has "
                 f"{len(header)}; make every row as long as the header"
             )
         for j, cell in enumerate(row):
+            where = f"{path}, line {line}, column {header[j]!r}"
+            if not cell.strip():
+                raise DataError(f"{where}: empty cell; fill it in or remove that row")
             try:
                 v = float(cell)
             except ValueError:
                 raise DataError(
-                    f"{path}, line {line}, column {header[j]!r}: {cell!r} is not "
-                    "a number; fix or remove that row"
+                    f"{where}: {cell!r} is not a number; fix or remove that row"
                 ) from None
             if not math.isfinite(v):
                 raise DataError(
-                    f"{path}, line {line}, column {header[j]!r}: {cell!r} is "
-                    "not a finite number; fill in or remove that row"
+                    f"{where}: {cell!r} is not a finite number; fill in or remove that row"
                 )
             values[i, j] = v
     x = values[:, [header.index(c) for c in features]]
     constant = [c for c, col in zip(features, x.T, strict=True) if np.all(col == col[0])]
-    if constant:
+    if constant and not allow_constant:
         raise DataError(
             f"{path}: feature column(s) {', '.join(constant)} are constant and "
             "cannot be standardized; leave them out with data.features=[...]"
@@ -256,11 +267,12 @@ class RegressionData(L.LightningDataModule):
         else:
             fit_idx, val_idx = np.arange(len(train_idx)), np.arange(0)
         fit_idx, val_idx = train_idx[fit_idx], train_idx[val_idx]
-        if len(fit_idx) < 2 or len(test_idx) < 1:
+        wants_val = bool(num_folds or val_fraction)
+        if len(fit_idx) < 2 or len(test_idx) < 1 or (wants_val and len(val_idx) < 1):
             raise DataError(
-                f"data: {len(table.y)} rows leave {len(fit_idx)} to train on and "
-                f"{len(test_idx)} to test; supply more rows or change "
-                "data.test_split / data.num_folds"
+                f"data: {len(table.y)} rows leave {len(fit_idx)} to train on, "
+                f"{len(val_idx)} to validate and {len(test_idx)} to test; supply more rows "
+                "or change data.test_split / data.val_fraction / data.num_folds"
             )
         if batch_size > len(fit_idx):
             raise DataError(
@@ -268,6 +280,11 @@ class RegressionData(L.LightningDataModule):
                 "training rows; choose a batch size between 1 and that"
             )
         x_fit, y_fit = table.x[fit_idx], table.y[fit_idx]
+        if np.all(y_fit == y_fit[0]):
+            raise DataError(
+                f"data: target {table.target!r} is constant ({y_fit[0]:g}) on all "
+                f"{len(fit_idx)} training rows; there is nothing to learn, check data.target"
+            )
         self.x_scaler = standardizer(x_fit)
         self.y_scaler = target_scaler(y_fit, target_scaling, target_range)
         self.splits = {
@@ -332,6 +349,10 @@ def check_settings(
     if num_folds and not 0 <= fold < num_folds:
         raise DataError(
             f"data.fold={fold} must be in [0, {num_folds}) for data.num_folds={num_folds}"
+        )
+    if not num_folds and fold != 0:
+        raise DataError(
+            f"data.fold={fold} needs cross-validation: set data.num_folds >= {max(2, fold + 1)}"
         )
     if batch_size < 1:
         raise DataError(f"data.batch_size={batch_size} must be >= 1")

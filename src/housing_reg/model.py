@@ -57,8 +57,9 @@ class StackedMLP(nn.Module):
 class Regressor(L.LightningModule):
     """Trains R replicas on scaled targets; reports every metric in the target's own units.
 
-    The input standardizer and target scaler travel with the model as buffers, so a checkpoint
-    alone turns raw CSV features into predictions in original units.
+    The input standardizer and target scaler travel with the model as buffers, and the feature
+    names as a hyperparameter, so a checkpoint alone turns raw CSV columns into predictions in
+    original units.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Regressor(L.LightningModule):
         y_shift=0.0,
         y_scale=1.0,
         head_name: str = "none",
+        features: Sequence[str] = (),
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -118,6 +120,12 @@ class Regressor(L.LightningModule):
         x = (x_raw.to(self.x_shift) - self.x_shift) / self.x_scale
         return self.unscale(self(x)).squeeze(-1)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["history"] = self.history  # a resumed run reports the whole curve
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = checkpoint.get("history", {"train/mae": [], "val/mae": []})
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())
 
@@ -152,7 +160,7 @@ class Regressor(L.LightningModule):
         pred, true = self._pred, self._true
         if not torch.isfinite(pred).all():
             raise FloatingPointError(
-                f"training diverged in epoch {self.current_epoch}: predictions became NaN/inf; "
+                f"training diverged in epoch {self.current_epoch + 1}: predictions became NaN/inf; "
                 "lower optim.lr or scale the targets (data.target_scaling=standard)"
             )
         loss = (pred - true).square().mean()
