@@ -24,6 +24,10 @@ TARGET_SCALINGS = ("none", "standard", "minmax")
 class DataError(ValueError):
     """Bad input data or data settings; the message says what, where and how to fix it."""
 
+    def __init__(self, message: str):
+        # A quoted header or cell may hold a line break; the message stays one line.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
 
 @dataclass(frozen=True)
 class Table:

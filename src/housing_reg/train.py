@@ -54,6 +54,7 @@ OmegaConf.register_new_resolver(
 warnings.filterwarnings("ignore", message=".*across ranks is zero")  # no val split: intended
 warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # lightning vs torch
 warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")  # resume
+warnings.filterwarnings("ignore", message="The dirpath has changed from")  # ckpt_path=elsewhere
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval")  # small CSVs
 
 # Directory names (conf/config.yaml). uid: two runs started in the same instant never share a
@@ -234,8 +235,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except SystemExit:  # Lightning's graceful stop on Ctrl-C / SIGTERM
         if not trainer.interrupted:
             raise
+        done = len(model.history["train/mae"])
         raise Interrupted(
-            f"interrupted in epoch {trainer.current_epoch + 1} of {cfg.trainer.max_epochs}"
+            f"interrupted with {done} of {cfg.trainer.max_epochs} epochs done"
         ) from None
     fit_seconds = time.perf_counter() - start
     trainer.test(model, datamodule=data, verbose=False)

@@ -1,0 +1,281 @@
+"""Faults: NaN losses, interrupts and resume, checkpoint evaluation, sweep directories, atomic
+writes, and same seed -> same numbers. Each scenario runs for real, mostly through the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import job_dirs, read_metrics, run_cli
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from housing_reg.data import BOSTON_CSV
+from housing_reg.evaluate import evaluate
+from housing_reg.train import ConfigError, read_sweep, train, write_json
+
+QUIET = "callbacks.progress_bar.refresh_rate=0"
+
+
+def numbers(metrics: dict) -> dict:
+    """Everything a run measured; not its wall-clock time or where it was written."""
+    return {k: v for k, v in metrics.items() if k not in ("fit_seconds", "config")}
+
+
+def cfg_for(out: Path, *overrides: str):
+    with initialize_config_module("housing_reg.conf", version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={out}", QUIET, *overrides])
+
+
+def popen(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def own_csv(path: Path, rows: int = 80) -> Path:
+    """A made-up regression table: 3 features, target `price` in the middle."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 3))
+    y = 50 + x @ [3.0, -2.0, 1.0] + rng.normal(size=rows)
+    lines = ["size,rooms,price,age"] + [
+        f"{a:.4f},{b:.4f},{t:.4f},{c:.4f}" for (a, b, c), t in zip(x, y, strict=True)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_own_csv_sweep_keeps_good_jobs_when_one_diverges(tmp_path: Path) -> None:
+    """Any CSV with a '/' in its path, through a sweep: one job diverges (NaN), the other's
+    results, TensorBoard run and predictions survive, and the sweep exits 1 naming the job."""
+    data = own_csv(tmp_path / "my data.csv")
+    proc = run_cli(
+        "-m",
+        f"data.path={data}",
+        "data.target=price",
+        "data.batch_size=8",
+        "optim.lr=1e-3,1e10",
+        "trainer.max_epochs=2",
+        QUIET,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    sweeps = list((tmp_path / "multirun").glob("*/*"))
+    assert len(sweeps) == 1
+    good, bad = jobs = job_dirs(sweeps[0])
+    assert [j.parent for j in jobs] == [sweeps[0]] * 2  # '/' in data.path nests nothing
+    assert "data.path=" in good.name and "optim.lr=0.001" in good.name
+    assert f"1 job(s) failed: {bad.name}: FloatingPointError: training diverged" in proc.stderr
+    assert good.name[:30] in proc.stdout  # the summary table lists the good job
+
+    m = read_metrics(good)
+    assert m["status"] == "ok" and m["epochs"] == 2 and len(m["history"]["train/mae"]) == 2
+    assert "num_features: 3" in (good / "hparams.yaml").read_text()
+    assert len((good / "predictions.csv").read_text().splitlines()) == 1 + 16  # 20% of 80
+    events = EventAccumulator(str(good))
+    events.Reload()
+    assert [len(events.Scalars(t)) for t in ("train/mae", "test/mae")] == [2, 1]
+
+    failed = read_metrics(bad)
+    assert failed["status"] == "failed" and failed["config"]["optim"]["lr"] == 1e10
+    assert "lower optim.lr" in failed["error"]
+    assert not (bad / "checkpoints").exists()  # a NaN model is never checkpointed
+    rows, failures = read_sweep(sweeps[0])
+    assert [r["job"] for r in rows] == [good.name] and len(failures) == 1
+
+
+def test_interrupt_resume_evaluate_and_rerun_match_an_uninterrupted_run(tmp_path: Path) -> None:
+    args = ("housing_reg.train", "trainer.max_epochs=3", "model.replicas=2", QUIET)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    uninterrupted = popen(*args, f"hydra.run.dir={full}", cwd=tmp_path)
+    interrupted = popen(*args, f"hydra.run.dir={cut}", cwd=tmp_path)
+    ckpt = cut / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and interrupted.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    interrupted.send_signal(signal.SIGINT)  # Ctrl-C after the first epoch's checkpoint
+    _, err = interrupted.communicate(timeout=300)
+    _, full_err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, full_err[-2000:]
+
+    assert interrupted.returncode == 1, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert re.match(
+        r"error: interrupted with [12] of 3 epochs done; to continue, run: python -m", last
+    )
+    assert f"resume=true hydra.run.dir={cut}" in last
+    assert read_metrics(cut)["status"] == "interrupted"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["epoch"] < 2 and len(saved["history"]["train/mae"]) == saved["epoch"] + 1
+    assert f"with {saved['epoch'] + 1} of 3 epochs done" in last
+
+    # Resume the cut run while the full run's checkpoint is evaluated on its test split.
+    resume = popen(*args, f"hydra.run.dir={cut}", "resume=true", cwd=tmp_path)
+    evaluation = popen(
+        "housing_reg.evaluate", f"ckpt_path={full}/checkpoints/last.ckpt", cwd=tmp_path
+    )
+    for p in (resume, evaluation):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    expected = read_metrics(full)
+    assert numbers(read_metrics(cut)) == numbers(expected)  # bit-identical after resume
+    assert (cut / "predictions.csv").read_bytes() == (full / "predictions.csv").read_bytes()
+
+    m = json.loads((full / "evaluate" / "test" / "metrics.json").read_text())
+    assert m["mae"] == expected["test/mae"] and m["rows"] == 102
+    assert [r["mae"] for r in m["per_replica"]] == [r["test/mae"] for r in expected["per_replica"]]
+    pred = (full / "evaluate" / "test" / "predictions.csv").read_bytes()
+    assert pred == (full / "predictions.csv").read_bytes()
+
+    # The job directory's saved config alone reruns the job to the same numbers.
+    cfg = OmegaConf.load(full / ".hydra" / "config.yaml")
+    cfg.output_dir = str(tmp_path / "rerun")
+    assert numbers(train(cfg)) == numbers(expected)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_job(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one_epoch")
+    cfg = cfg_for(out, "trainer.max_epochs=1", "data.batch_size=32")
+    train(cfg)
+    (out / ".hydra").mkdir()
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # as Hydra saves it for a CLI run
+    return out
+
+
+def test_ckpt_path_continues_to_the_same_numbers(one_epoch_job: Path, tmp_path: Path) -> None:
+    ckpt = one_epoch_job / "checkpoints" / "last.ckpt"
+    two = ("trainer.max_epochs=2", "data.batch_size=32")
+    resumed = train(cfg_for(tmp_path / "resumed", *two, f"ckpt_path={ckpt}"))
+    straight = train(cfg_for(tmp_path / "straight", *two))
+    assert resumed["epochs"] == 2 and len(resumed["history"]["train/mae"]) == 2
+    assert numbers(resumed) == numbers(straight)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.hidden=[8]"], "hidden: [64, 64] there, [8] here"),
+        (["head=relu"], "head_name: none there, relu here"),
+        (["model.replicas=2"], "seeds: [0] there, [0, 1] here"),
+    ],
+)
+def test_resuming_with_other_settings_is_refused(
+    one_epoch_job: Path, tmp_path: Path, overrides: list[str], fragment: str
+) -> None:
+    ckpt = one_epoch_job / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError) as e:
+        train(cfg_for(tmp_path, "trainer.max_epochs=2", f"ckpt_path={ckpt}", *overrides))
+    assert fragment in str(e.value) and "resume with the settings" in str(e.value)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    m = train(cfg_for(tmp_path, "trainer.max_epochs=1", "data.batch_size=64", "resume=true"))
+    assert m["epochs"] == 1 and (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_evaluate_own_csv_matches_columns_by_name(one_epoch_job: Path, tmp_path: Path) -> None:
+    """A CSV with columns reordered, an extra column and one row predicts the same numbers."""
+    lines = BOSTON_CSV.read_text().splitlines()
+    header = lines[0].split(",")
+    shuffled = [",".join(["junk", *reversed(line.split(","))]) for line in lines[:6]]
+    shuffled[0] = ",".join(["junk", *reversed(header)])
+    (tmp_path / "reordered.csv").write_text(
+        "\n".join(["7" + s[4:] if i else s for i, s in enumerate(shuffled)]) + "\n"
+    )
+    (tmp_path / "one_row.csv").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "five_rows.csv").write_text("\n".join(lines[:6]) + "\n")
+    ckpt = one_epoch_job / "checkpoints" / "last.ckpt"
+    results = {
+        name: evaluate(ckpt, str(tmp_path / f"{name}.csv"), tmp_path / name)
+        for name in ("reordered", "one_row", "five_rows")
+    }
+    pred = {n: (tmp_path / n / "predictions.csv").read_text().splitlines() for n in results}
+    assert len(pred["five_rows"]) == 6 and pred["reordered"] == pred["five_rows"]
+    assert pred["one_row"] == pred["five_rows"][:2]
+    assert results["five_rows"]["rows"] == 5 and results["five_rows"]["mae"] > 0
+
+
+def test_two_sweeps_started_together_never_share_a_directory(tmp_path: Path) -> None:
+    """The default sweep dir with its timestamp frozen: the uid alone must tell them apart."""
+    with initialize_config_module("housing_reg.conf", version_base="1.3"):
+        hydra_cfg = compose("config", return_hydra_config=True).hydra
+    pattern = OmegaConf.to_container(hydra_cfg.sweep)["dir"]
+    assert "${uid:}" in pattern
+    frozen = re.sub(r"\$\{now:[^}]*\}", "same-instant", pattern)
+    sweep = ("housing_reg.train", "-m", f"hydra.sweep.dir={frozen}", "head=none,relu")
+    fast = ("trainer.max_epochs=1", "data.batch_size=64", QUIET)
+    procs = [popen(*sweep, *fast, cwd=tmp_path) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    sweeps = sorted(p.parent for p in tmp_path.glob("multirun/**/multirun.yaml"))
+    assert len(sweeps) == 2
+    for s in sweeps:
+        assert [read_metrics(j)["head"] for j in job_dirs(s)] == ["none", "relu"]
+
+
+def test_write_json_is_atomic(tmp_path: Path) -> None:
+    """A reader polling metrics.json while it is rewritten never sees a partial file."""
+    path = tmp_path / "metrics.json"
+    big = {"history": [[float(i)] * 20 for i in range(2000)]}
+    write_json(path, big)
+    stop, seen, broken = threading.Event(), [], []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(len(json.loads(path.read_text())["history"]))
+            except ValueError as e:  # a half-written file
+                broken.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for n in range(30):
+        write_json(path, {"history": big["history"][: 1000 + n]})
+    stop.set()
+    reader.join()
+    assert not broken and seen and all(1000 <= n <= 2000 for n in seen)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left
+
+
+def test_same_seed_same_numbers(tmp_path: Path) -> None:
+    settings = ("trainer.max_epochs=2", "data.batch_size=16", "model.replicas=2")
+    settings += ("data.val_fraction=0.2",)
+    first = train(cfg_for(tmp_path / "a", "seed=3", *settings))
+    again = train(cfg_for(tmp_path / "b", "seed=3", *settings))
+    other = train(cfg_for(tmp_path / "c", "seed=4", *settings))
+    assert numbers(first) == numbers(again)
+    assert numbers(first)["per_replica"] != numbers(other)["per_replica"]
+    assert (tmp_path / "a" / "predictions.csv").read_bytes() == (
+        tmp_path / "b" / "predictions.csv"
+    ).read_bytes()
+    assert first["config"]["seed"] == 3 and first["config"]["data"]["seed"] == 3
+    assert {"housing_reg", "torch", "lightning", "python"} <= set(first["versions"])
+
+
+def test_sweep_summary_counts_a_killed_job_as_failed(tmp_path: Path) -> None:
+    for name, status in (("0_head=none", "ok"), ("1_head=relu", None)):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        if status:
+            metrics = {"status": status, "head": "none", "train/mae": 1.0, "test/mae": 2.0}
+            write_json(tmp_path / name / "metrics.json", metrics)
+    rows, failed = read_sweep(tmp_path)
+    assert [r["job"] for r in rows] == ["0_head=none"]
+    assert failed == ["1_head=relu: no metrics.json (killed?); rerun with resume=true"]
