@@ -151,7 +151,7 @@ def test_interrupt_resume_evaluate_and_rerun_match_an_uninterrupted_run(tmp_path
 @pytest.fixture(scope="module")
 def one_epoch_job(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_epoch")
-    cfg = cfg_for(out, "trainer.max_epochs=1", "data.batch_size=32")
+    cfg = cfg_for(out, "trainer.max_epochs=1", "data.batch_size=32", "data.val_fraction=0.1")
     train(cfg)
     (out / ".hydra").mkdir()
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # as Hydra saves it for a CLI run
@@ -160,10 +160,11 @@ def one_epoch_job(tmp_path_factory) -> Path:
 
 def test_ckpt_path_continues_to_the_same_numbers(one_epoch_job: Path, tmp_path: Path) -> None:
     ckpt = one_epoch_job / "checkpoints" / "last.ckpt"
-    two = ("trainer.max_epochs=2", "data.batch_size=32")
+    two = ("trainer.max_epochs=2", "data.batch_size=32", "data.val_fraction=0.1")
     resumed = train(cfg_for(tmp_path / "resumed", *two, f"ckpt_path={ckpt}"))
     straight = train(cfg_for(tmp_path / "straight", *two))
-    assert resumed["epochs"] == 2 and len(resumed["history"]["train/mae"]) == 2
+    assert resumed["epochs"] == 2
+    assert [len(resumed["history"][k]) for k in ("train/mae", "val/mae")] == [2, 2]
     assert numbers(resumed) == numbers(straight)
 
 
