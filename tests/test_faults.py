@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import job_dirs, read_metrics, run_cli
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,6 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from housing_reg.data import BOSTON_CSV
 from housing_reg.evaluate import evaluate
 from housing_reg.train import ConfigError, read_sweep, train, write_json
+
+from conftest import job_dirs, read_metrics, run_cli
 
 QUIET = "callbacks.progress_bar.refresh_rate=0"
 

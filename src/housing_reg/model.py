@@ -94,6 +94,9 @@ class Regressor(L.LightningModule):
         self.history: dict[str, list[list[float]]] = {"train/mae": [], "val/mae": []}
         self.test_predictions: torch.Tensor | None = None  # (R, n_test), original units
         self.test_targets: torch.Tensor | None = None
+        # Set by train(): save a checkpoint there every checkpoint_every epochs and at the end.
+        self.checkpoint_path: str | None = None
+        self.checkpoint_every = 1
 
     def __setattr__(self, name: str, value: object) -> None:
         # The trainer sets this string ~20 times per batch; nn.Module.__setattr__'s parameter
@@ -168,6 +171,13 @@ class Regressor(L.LightningModule):
         self.history["train/mae"].append(mae.tolist())
         self.log_spread("train/mae", mae)
         self.log("train/loss", loss)
+        done = self.current_epoch + 1
+        if self.checkpoint_path and (
+            done % self.checkpoint_every == 0 or done == self.trainer.max_epochs
+        ):
+            # Here, after the NaN check, not in a ModelCheckpoint: Lightning calls each callback
+            # ~5 times per step, ~10 us each for that one, whether it acts or not.
+            self.trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # + optimizer
 
     # -- evaluation: each split is one full batch ------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -53,8 +53,6 @@ OmegaConf.register_new_resolver(
 )
 warnings.filterwarnings("ignore", message=".*across ranks is zero")  # no val split: intended
 warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # lightning vs torch
-warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")  # resume
-warnings.filterwarnings("ignore", message="The dirpath has changed from")  # ckpt_path=elsewhere
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval")  # small CSVs
 
 # Directory names (conf/config.yaml). uid: two runs started in the same instant never share a
@@ -95,6 +93,7 @@ def create(node: DictConfig, **kwargs: Any) -> Any:
 NUMERIC_KEYS = {
     "seed": int,
     "threads": int,
+    "checkpoint_every": int,
     "trainer.max_epochs": int,
     "optim.lr": float,
     "model.replicas": int,
@@ -127,6 +126,8 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads} must be >= 1")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every={cfg.checkpoint_every} must be >= 0 (0: never)")
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: no such file; point it at a job's checkpoints/last.ckpt"
@@ -164,11 +165,8 @@ def check_choices(args: list[str]) -> None:
 
 
 def last_checkpoint(cfg: DictConfig) -> Path:
-    """Where callbacks.checkpoint writes the newest checkpoint of this job."""
-    ckpt = cfg.callbacks.get("checkpoint")
-    if not ckpt:
-        raise ConfigError("resume=true needs callbacks.checkpoint (it writes the checkpoints)")
-    return Path(ckpt.dirpath) / f"{ckpt.filename}.ckpt"
+    """Where the model saves this job's newest checkpoint (see checkpoint_every)."""
+    return Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
 
 
 def checkpoint_to_resume(cfg: DictConfig, model: Regressor) -> Path | None:
@@ -215,6 +213,9 @@ def build(cfg: DictConfig) -> tuple[RegressionData, Regressor, L.Trainer]:
         y_shift=data.y_scaler.shift,
         y_scale=data.y_scaler.scale,
     )
+    if cfg.checkpoint_every:
+        model.checkpoint_path = str(last_checkpoint(cfg))
+        model.checkpoint_every = cfg.checkpoint_every
     callbacks = [create(c) for c in cfg.callbacks.values() if c is not None]
     trainer: L.Trainer = create(cfg.trainer, logger=create(cfg.logger), callbacks=callbacks)
     return data, model, trainer
