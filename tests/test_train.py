@@ -56,14 +56,6 @@ def test_train_writes_metrics_predictions_and_tensorboard(make_cfg, tmp_path: Pa
     assert len(tb["train/mae"]) == 2  # once per epoch, not per step
 
 
-def test_same_seed_same_numbers(make_cfg, tmp_path: Path):
-    a = train(make_cfg("seed=3", *FAST, output_dir=tmp_path / "a"))
-    b = train(make_cfg("seed=3", *FAST, output_dir=tmp_path / "b"))
-    c = train(make_cfg("seed=4", *FAST, output_dir=tmp_path / "c"))
-    assert a["test/mae"] == b["test/mae"] and a["history"] == b["history"]
-    assert a["test/mae"] != c["test/mae"]
-
-
 def test_head_sweep_from_the_command_line(tmp_path: Path):
     proc = run_cli("-m", "head=relu,none,sigmoid,tanh", *FAST, cwd=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]  # no lightning_logs/
