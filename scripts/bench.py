@@ -10,6 +10,7 @@ the median is reported, as microseconds per optimizer step and as a ratio to the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -99,6 +100,8 @@ def lightning_fit(*overrides: str) -> float:
     ):
         cfg = compose("config", overrides=[f"output_dir={out}", *overrides])
         data, model, trainer = build(cfg)
+        gc.collect()
+        gc.freeze()  # as train() does
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         return (time.perf_counter() - start) / trainer.global_step * 1e6
@@ -151,11 +154,12 @@ def main() -> None:
     parser.add_argument("--no-sweeps", action="store_true", help="skip the CLI sweeps")
     args = parser.parse_args()
 
-    quiet = "callbacks.progress_bar.refresh_rate=100"
+    quiet = "callbacks.progress_bar.refresh_rate=5"  # the default: the bar stays on
     cases: dict[str, tuple] = {
         "plain PyTorch loop (baseline)": (plain_loop,),
         "Lightning floor: empty training_step": (lightning_floor,),
         "housing_reg Lightning fit": (lightning_fit, quiet),
+        "  same, data.steps_per_block=1": (lightning_fit, quiet, "data.steps_per_block=1"),
         "replicas=1": (lightning_fit, quiet, "model.replicas=1"),
         "replicas=10": (lightning_fit, quiet, "model.replicas=10"),
         "replicas=40": (lightning_fit, quiet, "model.replicas=40"),

@@ -65,15 +65,24 @@ def test_folds_partition_the_training_rows():
 
 
 def test_batches_are_shuffled_per_epoch_and_seeded():
-    dm = RegressionData(batch_size=32, seed=7, replicas=2)
+    dm = RegressionData(batch_size=32, steps_per_block=1, seed=7, replicas=2)
     loader = dm.train_dataloader()
     batches = list(loader)
     assert len(batches) == len(loader) == 13
     x, y = batches[0]
     assert x.shape == (2, 32, 13) and y.shape == (2, 32, 1)
     assert batches[-1][0].shape == (2, 404 - 12 * 32, 13)
-    again = list(RegressionData(batch_size=32, seed=7, replicas=2).train_dataloader())
+    again = list(
+        RegressionData(batch_size=32, steps_per_block=1, seed=7, replicas=2).train_dataloader()
+    )
     assert torch.equal(batches[0][1], again[0][1])  # same seed, same order
     assert not torch.equal(y[0], y[1])  # each replica its own order
     seen = torch.cat([b[1][0] for b in batches]).squeeze(-1)
     assert sorted(seen.tolist()) == sorted(dm.splits["train"][1].squeeze(-1).tolist())
+
+
+def test_blocks_are_consecutive_mini_batches():
+    blocks = list(RegressionData(batch_size=5, steps_per_block=16).train_dataloader())
+    singles = list(RegressionData(batch_size=5, steps_per_block=1).train_dataloader())
+    assert [b[1].shape[1] for b in blocks] == [80] * 5 + [4]
+    assert torch.equal(torch.cat([b[1] for b in blocks], 1), torch.cat([b[1] for b in singles], 1))

@@ -50,3 +50,13 @@ def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path: Path):
     assert "Joblib.Parallel(n_jobs=" in proc.stderr + proc.stdout
     jobs = job_dirs(tmp_path / "multirun")
     assert [read_metrics(j)["head"] for j in jobs] == ["none", "sigmoid"]
+
+
+def test_blocks_train_exactly_like_single_steps(make_cfg, tmp_path: Path):
+    """steps_per_block only changes how steps are handed to Lightning, not the training."""
+    common = (*FAST, "data.batch_size=3", "model.replicas=2")
+    one = train(make_cfg(*common, "data.steps_per_block=1", output_dir=tmp_path / "one"))
+    block = train(make_cfg(*common, "data.steps_per_block=7", output_dir=tmp_path / "seven"))
+    assert block["steps"] == one["steps"] == 2 * 135
+    assert block["per_replica"] == one["per_replica"]
+    assert block["history"] == one["history"]

@@ -140,24 +140,27 @@ class Regressor(L.LightningModule):
         loader = self.trainer.train_dataloader
         self._pred = torch.empty(self.replicas, len(loader.x), device=self.device)
         self._true = torch.empty_like(self._pred)
-        self._batch_size = loader.batch_size
+        self._batch_size, self._block_rows = loader.batch_size, loader.block_rows
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         if all(t.device == device for t in batch):
             return batch  # already in place: skip the generic collection walk each step
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        pred = self(x)
-        # Sum over replicas of each replica's mean loss, so gradients stay per replica.
-        loss = F.mse_loss(pred, y, reduction="sum") / y.shape[1]
-        self._opt.zero_grad()
-        self.manual_backward(loss)
-        self._opt.step()
-        i = batch_idx * self._batch_size
-        self._pred[:, i : i + y.shape[1]] = pred.detach().squeeze(-1)
-        self._true[:, i : i + y.shape[1]] = y.squeeze(-1)
+    def training_step(self, block: tuple[torch.Tensor, torch.Tensor], block_idx: int) -> None:
+        """One optimizer step per mini-batch of the block (see data.EpochBatches)."""
+        x, y = block
+        start, b = block_idx * self._block_rows, self._batch_size
+        for i in range(0, y.shape[1], b):
+            xb, yb = x[:, i : i + b], y[:, i : i + b]
+            pred = self(xb)
+            # Sum over replicas of each replica's mean loss, so gradients stay per replica.
+            loss = F.mse_loss(pred, yb, reduction="sum") / yb.shape[1]
+            self._opt.zero_grad()
+            self.manual_backward(loss)
+            self._opt.step()
+            self._pred[:, start + i : start + i + yb.shape[1]] = pred.detach().squeeze(-1)
+        self._true[:, start : start + y.shape[1]] = y.squeeze(-1)
 
     def on_train_epoch_end(self) -> None:
         pred, true = self._pred, self._true

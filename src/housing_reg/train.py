@@ -98,6 +98,7 @@ NUMERIC_KEYS = {
     "optim.lr": float,
     "model.replicas": int,
     "data.batch_size": int,
+    "data.steps_per_block": int,
     "data.test_split": float,
     "data.split_seed": int,
     "data.val_fraction": float,
