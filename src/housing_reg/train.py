@@ -397,7 +397,17 @@ def main(cfg: DictConfig) -> float | None:
         # The sweep goes on; its summary lists this job. A bug's traceback goes to the job log.
         log.error("job failed: %s", e, exc_info=not expected)
         return None
-    return metrics.get("val/mae")
+    return objective(metrics)
+
+
+def objective(metrics: dict[str, Any]) -> float | None:
+    """What a sweeper (hparams_search=optuna) minimizes: validation MAE, never test MAE.
+
+    None without a validation split (main returns None for a failed job too): Optuna then
+    marks the trial failed and goes on.
+    """
+    value = metrics.get("val/mae")
+    return float(value) if value is not None else None
 
 
 def record_failure(cfg: DictConfig, status: str, e: BaseException) -> None:
