@@ -7,6 +7,7 @@ missing one fails; elsewhere its tests are skipped.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import re
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
+import housing_reg.train as train_module
 from housing_reg.scaleout import is_loopback, prepare_ray_env
 
 from conftest import job_dirs, read_metrics, run_cli, scalars
@@ -328,6 +331,22 @@ def test_optuna_minimizes_validation_mae_reproducibly(tmp_path: Path):
 
     study = optuna.load_study(study_name="housing_reg", storage=db)
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(val))
+
+
+def test_jobs_run_in_one_process_do_not_pile_up(make_cfg, monkeypatch: pytest.MonkeyPatch):
+    """Optuna trials and basic-launcher jobs share a process: each job must be freed."""
+    models, original = [], train_module.build
+
+    def build(cfg):
+        data, model, trainer = original(cfg)
+        models.append(weakref.ref(model))
+        return data, model, trainer
+
+    monkeypatch.setattr(train_module, "build", build)
+    for _ in range(2):
+        train_module.train(make_cfg("data.batch_size=64", *TINY))
+    gc.collect()
+    assert [m() for m in models] == [None, None]
 
 
 def test_optuna_without_validation_rows_stops_before_any_trial(tmp_path: Path):

@@ -241,6 +241,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise Interrupted(
             f"interrupted with {done} of {cfg.trainer.max_epochs} epochs done"
         ) from None
+    finally:
+        # Frozen objects are never collected: without this, every job that a sweep runs in
+        # one process (basic launcher, Optuna trials, a reused Ray worker) would stay alive.
+        gc.unfreeze()
     fit_seconds = time.perf_counter() - start
     trainer.test(model, datamodule=data, verbose=False)
 
