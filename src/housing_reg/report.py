@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from omegaconf import OmegaConf
 
 METRICS = ("test/mae", "train/mae", "val/mae")
@@ -83,19 +83,35 @@ class Estimate:
         return f"{self.mean:.2f}" if math.isnan(self.half) else f"{self.mean:.2f} ± {self.half:.2f}"
 
 
-def difference(a: Group, b: Group) -> tuple[Estimate, str]:
-    """CI of mean test MAE b - a: paired over (fold, seed) when both ran the same ones,
-    else Welch's with its degrees of freedom rounded down (conservative)."""
+@dataclass(frozen=True)
+class Difference:
+    """Mean test MAE of b minus a, with the half-width of its 95% CI."""
+
+    mean: float
+    half: float
+    how: str
+    pairs: int = 0  # runs compared one to one (0: unpaired)
+    largest: float = math.nan  # paired only: the largest gap in any single run
+
+
+def difference(a: Group, b: Group) -> Difference:
+    """Paired over (fold, seed) when both groups ran the same ones (the same seed gives the
+    same initial weights and batch order, so only the head differs); else Welch's interval
+    with its degrees of freedom rounded down, which is conservative."""
     ta, tb = a.by_run("test/mae"), b.by_run("test/mae")
     if ta.keys() == tb.keys() and len(ta) >= 2:
-        return Estimate.of([tb[k] - ta[k] for k in ta]), f"paired over {len(ta)} runs"
+        gaps = [tb[k] - ta[k] for k in ta]
+        e = Estimate.of(gaps)
+        return Difference(e.mean, e.half, f"paired over {e.n} runs", e.n, max(map(abs, gaps)))
     ea, eb = Estimate.of(list(ta.values())), Estimate.of(list(tb.values()))
+    if ea.n < 2 or eb.n < 2:
+        return Difference(eb.mean - ea.mean, math.nan, "too few runs for a CI")
     va, vb = ea.std**2 / ea.n, eb.std**2 / eb.n
-    if not va + vb > 0:  # fewer than 2 runs somewhere, or no spread at all
-        return Estimate(0, eb.mean - ea.mean, math.nan, math.nan), "unpaired"
+    if va + vb == 0:
+        return Difference(eb.mean - ea.mean, 0.0, "unpaired, no spread at all")
     df = (va + vb) ** 2 / (va**2 / (ea.n - 1) + vb**2 / (eb.n - 1))
     half = t_quantile(0.95, max(1, math.floor(df))) * math.sqrt(va + vb)
-    return Estimate(ea.n + eb.n, eb.mean - ea.mean, math.nan, half), "unpaired (Welch)"
+    return Difference(eb.mean - ea.mean, half, f"unpaired (Welch), {ea.n} and {eb.n} runs")
 
 
 # -- reading job directories -----------------------------------------------------------------
@@ -318,16 +334,19 @@ def verdict(groups: list[Group]) -> list[str]:
 
 def compare(a: Group, b: Group) -> str:
     """One sentence on b versus the better-ranked a."""
-    d, how = difference(a, b)
+    d = difference(a, b)
     ratio = b.estimate("test/mae").mean / a.estimate("test/mae").mean
+    name = f"{a.label} vs {b.label}"
     if math.isnan(d.half):
-        return f"{a.label} vs {b.label}: {b.label} worse by {d.mean:.2f}; too few runs for a CI."
-    ci = f"95% CI {d.mean - d.half:.2f} to {d.mean + d.half:.2f}, {how}"
+        return f"{name}: {b.label} worse by {d.mean:.3f}; {d.how}."
+    if d.largest == 0:
+        return f"{name}: identical test MAE in each of the {d.pairs} paired runs."
+    ci = f"95% CI {d.mean - d.half:.3f} to {d.mean + d.half:.3f}, {d.how}"
     if d.mean - d.half > 0:
         times = f", {ratio:.1f}x the error" if ratio >= 1.5 else ""
-        worse = f"{b.label} worse by {d.mean:.2f}{times}"
-        return f"{a.label} vs {b.label}: clear difference, {worse} ({ci})."
-    return f"{a.label} vs {b.label}: within noise, difference {d.mean:.2f} ({ci}, includes 0)."
+        return f"{name}: clear difference, {b.label} worse by {d.mean:.2f}{times} ({ci})."
+    largest = "" if math.isnan(d.largest) else f"; largest gap in any one run {d.largest:.3f}"
+    return f"{name}: within noise, difference {d.mean:.3f} ({ci}, includes 0{largest})."
 
 
 def summary_rows(jobs: list[Job], root: Path, shown: list[str]) -> list[dict[str, Any]]:
@@ -372,9 +391,11 @@ def needs_log(values: Sequence[float]) -> bool:
 
 
 def log_y(ax) -> None:
+    """Log scale with plain ticks at 1, 2, 3, 5, 10, 20, ..."""
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
     ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_mae_by_head(groups: list[Group], path: Path) -> None:
@@ -429,7 +450,7 @@ def _first(groups: list[Group], rest: tuple) -> Group:
 def draw_pred_vs_true(ax, y_true: np.ndarray, y_pred: np.ndarray, title: str, color="C0") -> None:
     """Predictions of one or more runs (rows of y_pred) against the true prices."""
     y_pred = np.atleast_2d(y_pred)
-    x = np.broadcast_to(y_true, y_pred.shape)
+    x = np.broadcast_to(y_true, y_pred.shape)  # one test set for all runs, or one per run
     ax.scatter(
         x.ravel(),
         y_pred.ravel(),
@@ -474,9 +495,18 @@ def plot_pred_vs_true(groups: list[Group], path: Path, max_runs: int = 20) -> No
         ax = axes[rests.index(g.rest), heads.index(g.head)]
         runs = g.runs[:max_runs]  # enough to show the pattern, few enough to draw quickly
         title = f"{g.label}\nMAE {g.estimate('test/mae').mean:.2f}"
-        draw_pred_vs_true(
-            ax, runs[0].y_true, np.stack([r.y_pred for r in runs]), title, colors[g.head]
-        )
+        y_true, y_pred = (np.stack([getattr(r, a) for r in runs]) for a in ("y_true", "y_pred"))
+        draw_pred_vs_true(ax, y_true, y_pred, title, colors[g.head])
+        share, value = g.stuck()
+        if share >= STUCK:
+            ax.text(
+                0.04,
+                0.96,
+                f"{share:.0%} at {value:.2f}",
+                transform=ax.transAxes,
+                va="top",
+                fontsize=8,
+            )
     for ax in axes.ravel():
         if not ax.has_data():
             ax.set_axis_off()
@@ -490,42 +520,39 @@ def plot_pred_vs_true(groups: list[Group], path: Path, max_runs: int = 20) -> No
 
 
 def plot_curves(groups: list[Group], path: Path) -> None:
-    """MAE per epoch, mean over runs with a ±1 std band; one column per other setting."""
+    """MAE per epoch, mean over runs with a ±1 std band: a panel per metric and setting."""
     metrics = [
         m for m in ("train/mae", "val/mae") if any(r.curves.get(m) for g in groups for r in g.runs)
     ]
     rests = settings_order(groups)
+    grid = [(m, rest) for m in metrics for rest in rests]
+    rows, cols = (1, len(metrics)) if len(rests) == 1 else (len(metrics), len(rests))
     colors = head_colors(groups)
-    fig = Figure(figsize=(4.2 * len(rests) + 0.4, 3.0 * len(metrics) + 0.6))
-    axes = fig.subplots(len(metrics), len(rests), squeeze=False, sharey="row")
-    for i, metric in enumerate(metrics):
-        for g in sorted(groups, key=lambda g: g.head):
+    styles = {h: ("-", "--", ":", "-.")[i % 4] for i, h in enumerate(colors)}  # shows overlaps
+    fig = Figure(figsize=(3.6 * cols + 0.4, 2.8 * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).ravel()
+    for ax, (metric, rest) in zip(axes, grid, strict=True):
+        for g in (g for g in groups if g.rest == rest):
             curves = [r.curves[metric] for r in g.runs if r.curves.get(metric)]
             if not curves:
                 continue
-            length = max(map(len, curves))
-            stats = [[c[e] for c in curves if len(c) > e] for e in range(length)]
-            mean = np.array([np.mean(s) for s in stats])
-            std = np.array([np.std(s, ddof=1) if len(s) > 1 else 0.0 for s in stats])
-            epochs = np.arange(1, length + 1)
-            ax = axes[i, rests.index(g.rest)]
-            ax.plot(epochs, mean, color=colors[g.head], label=g.head, lw=1.4)
-            ax.fill_between(epochs, mean - std, mean + std, color=colors[g.head], alpha=0.2)
-        for j, rest in enumerate(rests):
-            ax = axes[i, j]
-            ax.set_title(
-                metric + (f" ({_first(groups, rest).setting})" if rest else ""), fontsize=9
-            )
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3, which="both")
-        axes[i, 0].set_ylabel("MAE ($1000s)")
-        if needs_log(
-            [line.get_ydata().min() for ax in axes[i] for line in ax.get_lines()]
-            + [line.get_ydata().max() for ax in axes[i] for line in ax.get_lines()]
-        ):
-            for ax in axes[i]:
-                log_y(ax)
-    axes[0, -1].legend(fontsize=8)
+            by_epoch = [[c[e] for c in curves if len(c) > e] for e in range(max(map(len, curves)))]
+            mean = np.array([np.mean(v) for v in by_epoch])
+            std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_epoch])
+            epochs = np.arange(1, len(mean) + 1)
+            color = colors[g.head]
+            ax.plot(epochs, mean, color=color, ls=styles[g.head], label=g.head, lw=1.5)
+            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        setting = f" ({_first(groups, rest).setting})" if rest else ""
+        ax.set_title(metric + setting, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[-cols:]:
+        ax.set_xlabel("epoch")
+    for ax in axes[::cols]:
+        ax.set_ylabel("MAE ($1000s)")
+    if needs_log([y for ax in axes for line in ax.get_lines() for y in line.get_ydata()]):
+        log_y(axes[0])  # shared: one call sets every panel
+    axes[cols - 1].legend(fontsize=8)
     fig.suptitle("MAE per epoch: mean over runs, band ±1 std", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
