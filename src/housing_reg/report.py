@@ -126,6 +126,7 @@ class Run:
     curves: dict[str, list[float]]  # metric -> value per epoch
     y_true: np.ndarray
     y_pred: np.ndarray
+    duplicate: bool = False  # the same fold and seed already came from another job
 
 
 @dataclass
@@ -281,6 +282,7 @@ def group_runs(jobs: list[Job]) -> tuple[list[Group], list[str], dict[str, Any]]
         for run in j.runs:
             if (run.fold, run.seed) in seen:
                 g.duplicates += 1
+                run.duplicate = True
             else:
                 g.runs.append(run)
                 seen.add((run.fold, run.seed))
@@ -367,6 +369,7 @@ def summary_rows(jobs: list[Job], root: Path, shown: list[str]) -> list[dict[str
                 | {"fold": r.fold, "seed": r.seed}
                 | {k.replace("/", "_"): r.metrics.get(k, "") for k in (*METRICS, "test/mse")}
                 | {"epochs": len(r.curves.get("train/mae", []))}
+                | {"note": "duplicate, counted once" if r.duplicate else ""}
             )
     return rows
 
