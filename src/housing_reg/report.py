@@ -231,6 +231,7 @@ class Group:
     head: str
     rest: tuple[tuple[str, str], ...]  # (key, value) of the other settings that vary, if any
     runs: list[Run]
+    order: int = 0  # where its first job came in the directory: ties sort in sweep order
     duplicates: int = 0  # runs seen twice (same fold and seed) and counted once
 
     @property
@@ -250,6 +251,10 @@ class Group:
 
     def estimate(self, metric: str) -> Estimate:
         return Estimate.of(list(self.by_run(metric).values()))
+
+    def constant_runs(self) -> int:
+        """Runs that predict one price for every test house (a saturated or dead output)."""
+        return sum(np.ptp(r.y_pred) <= 1e-3 * (np.ptp(r.y_true) or 1.0) for r in self.runs)
 
     def stuck(self) -> tuple[float, float]:
         """Share of test predictions at the runs' lowest (or highest) value, and that value:
@@ -277,7 +282,8 @@ def group_runs(jobs: list[Job]) -> tuple[list[Group], list[str], dict[str, Any]]
     for j in ok:
         key = tuple(repr(j.settings.get(k)) for k in varying)
         rest = tuple((k, str(j.settings.get(k))) for k in shown)
-        g = groups.setdefault(key, Group(str(j.settings.get("head.name", "?")), rest, []))
+        head = str(j.settings.get("head.name", "?"))
+        g = groups.setdefault(key, Group(head, rest, [], order=len(groups)))
         seen = {(r.fold, r.seed) for r in g.runs}
         for run in j.runs:
             if (run.fold, run.seed) in seen:
@@ -326,11 +332,16 @@ def verdict(groups: list[Group]) -> list[str]:
         lines.append(compare(a, b))
     for g in groups:
         share, value = g.stuck()
+        dead = g.constant_runs()
+        every = f"{dead} of {len(g.runs)} runs predict one price for every house"
         if share >= STUCK:
             lines.append(
                 f"{g.label}: {share:.0%} of test predictions sit at {value:.2f}, one price for "
-                "many houses: the head's output is pinned at its bound."
+                "many houses: the head's output is pinned at its bound"
+                + (f"; {every}." if dead else ".")
             )
+        elif dead:
+            lines.append(f"{g.label}: {every} (its output unit stopped learning).")
     return lines
 
 
@@ -376,10 +387,12 @@ def summary_rows(jobs: list[Job], root: Path, shown: list[str]) -> list[dict[str
 
 # -- figures -------------------------------------------------------------------------------------
 def settings_order(groups: list[Group]) -> list[tuple]:
-    """Non-head settings in reading order: raw targets, standard, then minmax ranges."""
+    """Non-head settings in reading order: raw targets, standard, then the rest as swept."""
     rank = {"none": 0, "standard": 1}
-    rests = list(dict.fromkeys(g.rest for g in groups))
-    return sorted(rests, key=lambda rest: [(rank.get(v, 2), v) for _, v in rest])
+    first = {}
+    for g in sorted(groups, key=lambda g: g.order):
+        first.setdefault(g.rest, g.order)
+    return sorted(first, key=lambda rest: ([rank.get(v, 2) for _, v in rest], first[rest]))
 
 
 def head_colors(groups: list[Group]) -> dict[str, str]:
@@ -443,7 +456,7 @@ def plot_mae_by_head(groups: list[Group], path: Path) -> None:
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, pil_kwargs={"optimize": True})
 
 
 def _first(groups: list[Group], rest: tuple) -> Group:
@@ -519,7 +532,7 @@ def plot_pred_vs_true(groups: list[Group], path: Path, max_runs: int = 20) -> No
         ax.set_ylabel("predicted")
     fig.suptitle("Test predictions vs true prices (dashed: perfect)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
 
 
 def plot_curves(groups: list[Group], path: Path) -> None:
@@ -558,7 +571,7 @@ def plot_curves(groups: list[Group], path: Path) -> None:
     axes[cols - 1].legend(fontsize=8)
     fig.suptitle("MAE per epoch: mean over runs, band ±1 std", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
 
 
 # -- entry point ---------------------------------------------------------------------------------
