@@ -313,6 +313,20 @@ def summary_table(groups: list[Group], shown: list[str]) -> str:
     return "\n".join(lines)
 
 
+def pivot_table(groups: list[Group]) -> str:
+    """Markdown: test MAE, heads down and the other setting across (when just one varies)."""
+    rests = settings_order(groups)
+    heads = list(dict.fromkeys(g.head for g in groups))
+    cell = {(g.head, g.rest): f"{g.estimate('test/mae')}" for g in groups}
+    lines = [
+        "| head | " + " | ".join(_first(groups, r).setting for r in rests) + " |",
+        "|" + "---|" * (len(rests) + 1),
+    ]
+    for h in heads:
+        lines.append(f"| {h} | " + " | ".join(cell.get((h, r), "") for r in rests) + " |")
+    return "\n".join(lines)
+
+
 def verdict(groups: list[Group]) -> list[str]:
     """Plain sentences: the winner, which steps in the ranking are real, relu vs none,
     and which heads are pinned at one value."""
@@ -359,7 +373,12 @@ def compare(a: Group, b: Group) -> str:
         times = f", {ratio:.1f}x the error" if ratio >= 1.5 else ""
         return f"{name}: clear difference, {b.label} worse by {d.mean:.2f}{times} ({ci})."
     largest = "" if math.isnan(d.largest) else f"; largest gap in any one run {d.largest:.3f}"
-    return f"{name}: within noise, difference {d.mean:.3f} ({ci}, includes 0{largest})."
+    ta, tb = (np.array(list(g.by_run("test/mae").values())) for g in (a, b))
+    coin = (tb[:, None] < ta[None, :]).mean()  # one run of each, as a single comparison does
+    return (
+        f"{name}: within noise, difference {d.mean:.3f} ({ci}, includes 0{largest}); "
+        f"one run of each, {b.label} wins {coin:.0%} of the pairings."
+    )
 
 
 def summary_rows(jobs: list[Job], root: Path, shown: list[str]) -> list[dict[str, Any]]:
@@ -621,6 +640,10 @@ def report(root: Path, out: Path | None = None) -> tuple[str, int]:
             "",
             summary_table(groups, shown),
             "",
+        ]
+        if len(shown) == 1:
+            text += [f"Test MAE by head and {shown[0]}:", "", pivot_table(groups), ""]
+        text += [
             "## Verdict",
             "",
             *[f"- {line}" for line in verdict(groups)],
