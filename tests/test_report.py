@@ -13,10 +13,11 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from conftest import FAST, job_dirs, read_metrics, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from housing_reg.report import Estimate, t_quantile
+
+from conftest import FAST, job_dirs, read_metrics, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("mae_by_head.png", "pred_vs_true.png", "curves.png")

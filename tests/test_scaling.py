@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAST
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -22,6 +21,8 @@ from housing_reg.data import (
 )
 from housing_reg.model import Regressor
 from housing_reg.train import train
+
+from conftest import FAST
 
 targets = arrays(np.float64, st.integers(1, 40), elements=st.floats(-1e3, 1e3))
 ranges = st.tuples(st.floats(-5, 5), st.floats(0.1, 10)).map(lambda t: (t[0], t[0] + t[1]))
