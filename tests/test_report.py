@@ -132,8 +132,8 @@ def test_summary_numbers_match_a_hand_computation(sweeps: Path, reported):
     assert "4 duplicate run(s)" in md
 
 
-def test_replica_r_is_the_run_with_seed_plus_r(sweeps: Path):
-    """What lets the report count each replica as a run (and drop the duplicates)."""
+def test_duplicate_runs_across_jobs_agree_so_the_report_counts_them_once(sweeps: Path):
+    """Replica 1 of the seed-0 job is the seed-1 run that the seed-1 job trains too."""
     by_seed = {}
     for job in job_dirs(sweeps / "a")[:8]:
         m = read_metrics(job)

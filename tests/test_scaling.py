@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -98,3 +99,12 @@ def test_relu_on_standardized_targets_is_clipped_at_the_mean(make_cfg, tmp_path)
     y_train = RegressionData(target_scaling="none").splits["train"][1].numpy()
     at_mean = np.isclose(pred, y_train.mean(), atol=1e-3).mean(axis=0)
     assert (at_mean > 0.25).all()
+
+
+def test_the_extra_heads_keep_or_drop_negative_outputs(make_cfg):
+    z = torch.linspace(-30, 30, 601)
+    softplus = instantiate(make_cfg("head=softplus").head.activation)(z)
+    leaky = instantiate(make_cfg("head=leaky_relu").head.activation)(z)
+    assert (softplus > 0).all() and torch.allclose(softplus[z > 20], z[z > 20])  # relu, smooth
+    assert torch.equal(leaky[z >= 0], z[z >= 0])
+    assert torch.allclose(leaky[z < 0], 0.01 * z[z < 0])  # below 0: shrunk, not clipped
