@@ -347,7 +347,7 @@ def verdict(groups: list[Group]) -> list[str]:
     for g in groups:
         share, value = g.stuck()
         dead = g.constant_runs()
-        every = f"{dead} of {len(g.runs)} runs predict one price for every house"
+        every = f"{dead} of {len(g.runs)} runs predict{'s' * (dead == 1)} one price for every house"
         if share >= STUCK:
             lines.append(
                 f"{g.label}: {share:.0%} of test predictions sit at {value:.2f}, one price for "
