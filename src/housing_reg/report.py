@@ -254,7 +254,7 @@ class Group:
 
     def constant_runs(self) -> int:
         """Runs that predict one price for every test house (a saturated or dead output)."""
-        return sum(np.ptp(r.y_pred) <= 1e-3 * (np.ptp(r.y_true) or 1.0) for r in self.runs)
+        return sum(bool(np.ptp(r.y_pred) <= 1e-3 * (np.ptp(r.y_true) or 1.0)) for r in self.runs)
 
     def stuck(self) -> tuple[float, float]:
         """Share of test predictions at the runs' lowest (or highest) value, and that value:
