@@ -181,7 +181,7 @@ def read_job(path: Path, root: Path) -> Job:
         ]
     except FileNotFoundError as e:
         return Job(path, "broken", f"missing {Path(e.filename).name}")
-    except Exception as e:  # noqa: BLE001 - a bad job is reported, never fatal
+    except Exception as e:  # whatever is wrong with one job is reported, never fatal
         return Job(path, "broken", f"unreadable ({type(e).__name__}: {e})".replace("\n", " "))
     return Job(path, "ok", settings=settings_of(config), runs=runs)
 
