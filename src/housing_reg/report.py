@@ -139,9 +139,9 @@ class Job:
 
 
 def find_jobs(root: Path) -> list[Path]:
-    """Every directory under root (root included) holding a job's .hydra/ or metrics.json."""
-    found = {p.parent for p in root.rglob("metrics.json")}
-    found |= {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    """Every job directory under root (root included): Hydra writes .hydra/ as a job starts,
+    so this finds running jobs too, and skips evaluate's outputs inside a job."""
+    found = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
     return sorted(found, key=lambda p: [_natural(part) for part in p.relative_to(root).parts])
 
 
@@ -607,7 +607,7 @@ def report(root: Path, out: Path | None = None) -> tuple[str, int]:
     jobs = [read_job(p, root) for p in find_jobs(root)]
     if not jobs:
         raise ReportError(
-            f"{root}: no job directories found (none holds .hydra/ or metrics.json); "
+            f"{root}: no job directories found (none holds .hydra/); "
             "pass a sweep directory such as multirun/2024-01-01/12-00-00"
         )
     groups, shown, common = group_runs(jobs)
