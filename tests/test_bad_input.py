@@ -165,7 +165,8 @@ def test_byte_order_mark_and_quotes_are_fine(tmp_path: Path) -> None:
 
 def test_unknown_group_options_list_the_valid_ones() -> None:
     cases = {
-        ("head=softplus",): "head=softplus is not an available option; choose one of: none, relu",
+        ("head=softsign",): "head=softsign is not an available option; choose one of: leaky_relu, "
+        "none, relu",
         ("optim=adamw",): "optim=adamw is not an available option; choose one of: adam, rmsprop",
         ("-m", "head=relu,sigmoid,bogus"): "head=bogus is not an available option",
         ("hydra/launcher=nope",): "hydra/launcher=nope is not an available option; choose one "

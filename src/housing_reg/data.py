@@ -177,8 +177,9 @@ def target_scaler(y: np.ndarray, kind: str, target_range: Sequence[float]) -> Af
     if kind == "standard":
         return standardizer(y)
     lo, hi = target_range
-    # Map [min, max] of the training targets onto [lo, hi].
-    scale = (y.max() - y.min()) / (hi - lo)
+    # Map [min, max] of the training targets onto [lo, hi] (a constant target onto lo).
+    span = y.max() - y.min()
+    scale = (span if span > 0 else 1.0) / (hi - lo)
     return Affine(y.min() - lo * scale, scale)
 
 

@@ -250,6 +250,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics = collect_metrics(cfg, model, trainer, fit_seconds)
     log_hparams(trainer, cfg, metrics)
+    log_pred_vs_true(trainer, cfg, model)
     write_predictions(out / "predictions.csv", model.test_predictions, model.test_targets)
     write_json(out / "metrics.json", metrics)
     return metrics
@@ -316,6 +317,20 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) ->
     writer = trainer.logger.experiment
     for summary in hparams(hp, {k: metrics[k] for k in names}):
         writer._get_file_writer().add_summary(summary)
+    writer.flush()
+
+
+def log_pred_vs_true(trainer: L.Trainer, cfg: DictConfig, model: Regressor) -> None:
+    """IMAGES tab: this job's test predictions against the truth, drawn once after testing."""
+    from housing_reg.report import figure_rgb, pred_vs_true_figure  # matplotlib: only here
+
+    r = model.replicas
+    seeds = f"seed {cfg.seed}" if r == 1 else f"seeds {cfg.seed}-{cfg.seed + r - 1}"
+    fold = f", fold {cfg.data.fold}" if cfg.data.num_folds else ""
+    title = f"{cfg.head.name}, {cfg.data.target_scaling} targets, {seeds}{fold}"
+    fig = pred_vs_true_figure(model.test_targets.cpu(), model.test_predictions.cpu(), title)
+    writer = trainer.logger.experiment
+    writer.add_image("test/pred_vs_true", figure_rgb(fig), dataformats="HWC")
     writer.flush()
 
 
