@@ -51,9 +51,9 @@ def evaluate(
 
     if data_path is None:  # the job's own split, rebuilt exactly as in training
         data = create(cfg.data)
-        x, y = data.splits["test"]
         with torch.no_grad():
-            pred, true = model.unscale(model(x)).squeeze(-1), model.unscale(y).squeeze(-1)
+            pred, true = model.predict_split(data.splits["test"])
+            true = true[0]
         name, source = "test", f"test split of {cfg.data.path or 'the bundled boston.csv'}"
     else:
         table = load_csv(data_path, cfg.data.target, model.hparams.features, allow_constant=True)

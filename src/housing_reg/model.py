@@ -80,7 +80,7 @@ class Regressor(L.LightningModule):
         self.save_hyperparameters(
             ignore=["head", "optimizer", "x_shift", "x_scale", "y_shift", "y_scale"]
         )
-        self.automatic_optimization = False  # one plain step per batch, no closures
+        self.automatic_optimization = False  # one plain step per mini-batch, no closures
         self.net = StackedMLP(num_features, list(hidden), list(seeds))
         self.head = head
         self.optimizer_factory = optimizer
@@ -91,7 +91,7 @@ class Regressor(L.LightningModule):
             ("y_scale", y_scale),
         ):
             self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).reshape(-1))
-        self.history: dict[str, list[list[float]]] = {"train/mae": [], "val/mae": []}
+        self.history: dict[str, list[list[float]]] = empty_history()
         self.test_predictions: torch.Tensor | None = None  # (R, n_test), original units
         self.test_targets: torch.Tensor | None = None
         # Set by train(): save a checkpoint there every checkpoint_every epochs and at the end.
@@ -127,12 +127,12 @@ class Regressor(L.LightningModule):
         checkpoint["history"] = self.history  # a resumed run reports the whole curve
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.history = checkpoint.get("history", {"train/mae": [], "val/mae": []})
+        self.history = checkpoint.get("history", empty_history())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())
 
-    # -- training: per-step work is forward, backward, step and two buffer writes ----------
+    # -- training: per-step work is forward, backward, step and one buffer write ----------
     def on_train_start(self) -> None:
         self._opt = self.optimizers()  # looked up once, not per step
 
@@ -183,21 +183,24 @@ class Regressor(L.LightningModule):
             self.trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # + optimizer
 
     # -- evaluation: each split is one full batch ------------------------------------------
+    def predict_split(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A scaled (x, y) split -> predictions (R, N) and targets (R, N), original units."""
+        x, y = batch
+        pred = self.unscale(self(x)).squeeze(-1)
+        return pred, self.unscale(y).squeeze(-1).expand_as(pred)
+
     def validation_step(self, batch, batch_idx: int) -> None:
         if self.trainer.sanity_checking:
             return
-        x, y = batch
-        pred, true = self.unscale(self(x)).squeeze(-1), self.unscale(y).squeeze(-1)
-        mae = per_replica(mean_absolute_error, pred, true.expand_as(pred))
+        mae = per_replica(mean_absolute_error, *self.predict_split(batch))
         self.history["val/mae"].append(mae.tolist())
         self.log_spread("val/mae", mae)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        pred, true = self.unscale(self(x)).squeeze(-1), self.unscale(y).squeeze(-1)
-        self.test_predictions, self.test_targets = pred, true
-        self.test_mae = per_replica(mean_absolute_error, pred, true.expand_as(pred))
-        self.test_mse = per_replica(mean_squared_error, pred, true.expand_as(pred))
+        pred, true = self.predict_split(batch)
+        self.test_predictions, self.test_targets = pred, true[0]
+        self.test_mae = per_replica(mean_absolute_error, pred, true)
+        self.test_mse = per_replica(mean_squared_error, pred, true)
         self.log_spread("test/mae", self.test_mae)
         self.log_spread("test/mse", self.test_mse)
 
@@ -208,6 +211,11 @@ class Regressor(L.LightningModule):
             self.log(f"{name}_std", per_rep.std())
             self.log(f"{name}_min", per_rep.min())
             self.log(f"{name}_max", per_rep.max())
+
+
+def empty_history() -> dict[str, list[list[float]]]:
+    """Per-epoch metrics, one list of per-replica values per epoch."""
+    return {"train/mae": [], "val/mae": []}
 
 
 def per_replica(metric, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
