@@ -10,7 +10,6 @@ the median is reported, as microseconds per optimizer step and as a ratio to the
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -99,16 +98,39 @@ def lightning_fit(*overrides: str) -> float:
         initialize_config_module("housing_reg.conf", version_base="1.3"),
     ):
         cfg = compose("config", overrides=[f"output_dir={out}", *overrides])
-        data, model, trainer = build(cfg)
-        gc.collect()
-        gc.freeze()  # as train() does
+        data, model, trainer, _ = build(cfg)
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         return (time.perf_counter() - start) / trainer.global_step * 1e6
 
 
+def plain_stacked(replicas: int, device: str, epochs: int = 2) -> float:
+    """The GPU baseline: the same stacked model and RMSprop in a plain loop; µs per step."""
+    x, y = (t.to(device) for t in RegressionData().splits["train"])
+    net = StackedMLP(13, [64, 64], seeds=list(range(replicas))).to(device)
+    opt = torch.optim.RMSprop(net.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    steps = 0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.stack([torch.randperm(len(x), device=device) for _ in range(replicas)])
+        xs, ys = x[order], y[order]
+        for i in range(len(x)):
+            loss = (net(xs[:, i : i + 1]) - ys[:, i : i + 1]).square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e6
+
+
+SWEEPS: dict[str, dict[str, float]] = {}  # name -> wall, sum of fit_seconds, per sample
+
+
 def cli_sweep(*overrides: str) -> float:
-    """The head sweep end to end as a user runs it (imports and start-up included); µs/step."""
+    """The head sweep end to end as a user runs it (imports and start-up included); µs/step.
+    Also keeps its wall time and the jobs' own fit_seconds for the sweep-overhead table."""
     with tempfile.TemporaryDirectory() as cwd:
         start = time.perf_counter()
         subprocess.run(
@@ -118,6 +140,7 @@ def cli_sweep(*overrides: str) -> float:
                 "housing_reg.train",
                 "-m",
                 f"head={','.join(HEADS)}",
+                "hydra.sweep.dir=sweep",
                 *overrides,
             ],
             cwd=cwd,
@@ -126,7 +149,20 @@ def cli_sweep(*overrides: str) -> float:
             stderr=subprocess.DEVNULL,
         )
         wall = time.perf_counter() - start
+        fit = sum(
+            json.loads(p.read_text())["fit_seconds"] for p in Path(cwd).glob("sweep/*/metrics.json")
+        )
+    sample = SWEEPS.setdefault(" ".join(overrides) or "sequential", {"wall": [], "fit": []})
+    sample["wall"].append(wall)
+    sample["fit"].append(fit)
     return wall / (len(HEADS) * EPOCHS * 404) * 1e6
+
+
+def import_lightning() -> float:
+    """Seconds a fresh interpreter takes to import lightning (what every job process pays)."""
+    code = "import time; t = time.perf_counter(); import lightning; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout)
 
 
 def machine() -> dict[str, str | int]:
@@ -154,7 +190,7 @@ def main() -> None:
     parser.add_argument("--no-sweeps", action="store_true", help="skip the CLI sweeps")
     args = parser.parse_args()
 
-    quiet = "callbacks.progress_bar.refresh_rate=5"  # the default: the bar stays on
+    quiet = "callbacks.progress_bar.refresh_rate=1"  # the default: the bar stays on
     cases: dict[str, tuple] = {
         "plain PyTorch loop (baseline)": (plain_loop,),
         "Lightning floor: empty training_step": (lightning_floor,),
@@ -171,6 +207,19 @@ def main() -> None:
             cases["CLI sweep, 4 heads, hydra/launcher=parallel"] = (
                 cli_sweep,
                 "hydra/launcher=parallel",
+            )
+    if not args.no_sweeps:
+        cases["import lightning (s, not µs/step)"] = (import_lightning,)
+    gpu = torch.cuda.is_available()
+    if gpu:  # each against the plain stacked loop on the same GPU, in the same run
+        for r in (1, 10000):
+            cases[f"GPU plain stacked loop, replicas={r}"] = (plain_stacked, r, "cuda")
+            cases[f"GPU housing_reg fit, replicas={r}"] = (
+                lightning_fit,
+                quiet,
+                f"model.replicas={r}",
+                "trainer.accelerator=gpu",
+                "trainer.max_epochs=2",
             )
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for rep in range(args.repeats):
@@ -197,13 +246,29 @@ def main() -> None:
             }
         )
         print(f"{name:<46} {med:>9.0f} {med / base:>8.2f} {med / r1:>7.2f}")
-    args.out.write_text(
-        json.dumps(
-            {"machine": machine(), "repeats": args.repeats, "epochs": EPOCHS, "results": rows},
-            indent=2,
-        )
-        + "\n"
-    )
+    sweeps = []
+    if SWEEPS:
+        imp = statistics.median(samples["import lightning (s, not µs/step)"])
+        seq = statistics.median(SWEEPS["sequential"]["wall"])
+        print(f"\n{'sweep (4 heads)':<36} {'wall s':>7} {'Σ fit s':>8} {'rest s':>7} {'x seq':>6}")
+        for name, s in SWEEPS.items():
+            wall, fit = statistics.median(s["wall"]), statistics.median(s["fit"])
+            rest = wall - imp - fit  # all but one import of lightning and the training itself
+            sweeps.append({"sweep": name, "wall_s": wall, "sum_fit_s": fit, "rest_s": rest})
+            sweeps[-1] |= {"ratio_to_sequential": wall / seq, "samples": s}
+            print(f"{name:<36} {wall:>7.2f} {fit:>8.2f} {rest:>7.2f} {wall / seq:>6.2f}")
+        print(f"(rest = wall - import lightning ({imp:.2f} s) - Σ fit_seconds)")
+    if gpu:
+        for r in (1, 10000):
+            ratio = statistics.median(
+                samples[f"GPU housing_reg fit, replicas={r}"]
+            ) / statistics.median(samples[f"GPU plain stacked loop, replicas={r}"])
+            print(f"GPU replicas={r}: housing_reg / plain stacked loop = {ratio:.2f}")
+    else:
+        print("no GPU here: the GPU rows were not measured")
+    report = {"machine": machine(), "repeats": args.repeats, "epochs": EPOCHS, "results": rows}
+    report |= {"sweeps": sweeps, "gpu": torch.cuda.get_device_name() if gpu else None}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 

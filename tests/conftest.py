@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -62,6 +63,15 @@ def job_dirs(sweep_root: Path) -> list[Path]:
 
 def read_metrics(job: Path) -> dict:
     return json.loads((job / "metrics.json").read_text())
+
+
+def replicas(job: Path) -> list[dict]:
+    """replicas.csv: per replica, its seed and final metrics."""
+    with open(job / "replicas.csv", newline="") as f:
+        return [
+            {k: int(v) if k == "seed" else float(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:

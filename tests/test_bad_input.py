@@ -14,8 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from housing_reg.cli import check_choices
 from housing_reg.data import DataError, load_csv
-from housing_reg.train import ConfigError, check_choices, train
+from housing_reg.settings import USER_ERRORS, ConfigError
+from housing_reg.train import train
 
 HEADER = "a,b,c,y"
 ROWS = [f"{i},{(i * 7) % 11},{i * i / 10},{2 * i + 1}" for i in range(20)]
@@ -141,7 +143,7 @@ def test_bad_csv_is_one_clear_line(case: str, make_cfg, tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", SETTING_CASES)
 def test_bad_setting_is_one_clear_line(case: str, make_cfg, tmp_path: Path) -> None:
     overrides, fragments = SETTING_CASES[case]
-    with pytest.raises((ConfigError, DataError)) as e:
+    with pytest.raises(USER_ERRORS) as e:
         train(make_cfg("trainer.max_epochs=1", *overrides))
     msg = str(e.value)
     assert "\n" not in msg
@@ -216,6 +218,16 @@ def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path: Path) -> None:
             tmp_path / "job",
         ),
     ]
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    cases += [  # each refused before training, in one line
+        (["optim.lr=nan"], "error: optim.lr=nan must be a finite number", None),
+        (["model.hidden=[64.5]"], "error: model.hidden=[64.5] must be a non-empty list", None),
+        (["+optim.lrr=0.1"], "error: optim.lrr: torch.optim.RMSprop has no such setting", None),
+        (["+lrr=0.1"], "error: lrr: not a setting of housing_reg", None),
+        (["hydra.run.dir=/proc/x"], "error: hydra.run.dir=/proc/x: cannot create that dir", None),
+        ([f"ckpt_path={text}"], f"error: {text}: not a housing_reg checkpoint", None),
+    ]
     results = run_concurrently([train_cmd + args for args, _, _ in cases], tmp_path)
     for (args, message, job), proc in zip(cases, results, strict=True):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -223,7 +235,7 @@ def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path: Path) -> None:
         assert lines and lines[0].startswith(message), (args, proc.stderr)
         assert len(lines) == 1, (args, proc.stderr)
         if job is not None:  # the job directory records the failure, and nothing trained
-            assert '"status": "failed"' in (job / "metrics.json").read_text()
+            assert '"status": "failed"' in (job / "failure.json").read_text()
             assert_nothing_trained(job)
 
 

@@ -65,17 +65,16 @@ def test_folds_partition_the_training_rows():
 
 
 def test_batches_are_shuffled_per_epoch_and_seeded():
-    dm = RegressionData(batch_size=32, steps_per_block=1, seed=7, replicas=2)
+    dm = RegressionData(batch_size=32, steps_per_block=1, seeds=[7, 8])
     loader = dm.train_dataloader()
-    batches = list(loader)
-    assert len(batches) == len(loader) == 13
+    blocks = list(loader)
+    assert len(blocks) == len(loader) == 13 and all(len(b) == 1 for b in blocks)
+    batches = [b[0] for b in blocks]
     x, y = batches[0]
     assert x.shape == (2, 32, 13) and y.shape == (2, 32, 1)
     assert batches[-1][0].shape == (2, 404 - 12 * 32, 13)
-    again = list(
-        RegressionData(batch_size=32, steps_per_block=1, seed=7, replicas=2).train_dataloader()
-    )
-    assert torch.equal(batches[0][1], again[0][1])  # same seed, same order
+    again = list(RegressionData(batch_size=32, steps_per_block=1, seeds=[7, 8]).train_dataloader())
+    assert torch.equal(batches[0][1], again[0][0][1])  # same seed, same order
     assert not torch.equal(y[0], y[1])  # each replica its own order
     seen = torch.cat([b[1][0] for b in batches]).squeeze(-1)
     assert sorted(seen.tolist()) == sorted(dm.splits["train"][1].squeeze(-1).tolist())
@@ -84,5 +83,7 @@ def test_batches_are_shuffled_per_epoch_and_seeded():
 def test_blocks_are_consecutive_mini_batches():
     blocks = list(RegressionData(batch_size=5, steps_per_block=16).train_dataloader())
     singles = list(RegressionData(batch_size=5, steps_per_block=1).train_dataloader())
-    assert [b[1].shape[1] for b in blocks] == [80] * 5 + [4]
-    assert torch.equal(torch.cat([b[1] for b in blocks], 1), torch.cat([b[1] for b in singles], 1))
+    assert [len(b) for b in blocks] == [16] * 5 + [1]  # 81 mini-batches of 5 rows (the last 4)
+    assert [len(b) for b in singles] == [1] * 81
+    ys = [torch.cat([y for block in b for _, y in block], 1) for b in (blocks, singles)]
+    assert torch.equal(*ys)  # the same mini-batches in the same order

@@ -4,12 +4,12 @@ writes, and same seed -> same numbers. Each scenario runs for real, mostly throu
 from __future__ import annotations
 
 import json
+import os
 import re
-import signal
+import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +19,23 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from housing_reg.cli import record_failure, summarize
 from housing_reg.data import BOSTON_CSV
 from housing_reg.evaluate import evaluate
-from housing_reg.train import ConfigError, read_sweep, train, write_json
+from housing_reg.record import RecordError, read_job, write_json
+from housing_reg.settings import ConfigError
+from housing_reg.train import train
 
-from conftest import job_dirs, read_metrics, run_cli
+from conftest import job_dirs, read_metrics, replicas, run_cli
 
 QUIET = "callbacks.progress_bar.refresh_rate=0"
+TESTS = Path(__file__).parent
 
 
 def numbers(metrics: dict) -> dict:
     """Everything a run measured; not its wall-clock time or where it was written."""
-    return {k: v for k, v in metrics.items() if k not in ("fit_seconds", "config")}
+    timing = ("fit_seconds", "fit_seconds_per_session", "config")
+    return {k: v for k, v in metrics.items() if k not in timing}
 
 
 def cfg_for(out: Path, *overrides: str):
@@ -45,7 +50,12 @@ def popen(*args: str, cwd: Path) -> subprocess.Popen:
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(TESTS)},  # tests/interrupt.py
     )
+
+
+def failure(job: Path) -> dict:
+    return json.loads((job / "failure.json").read_text())
 
 
 def own_csv(path: Path, rows: int = 80) -> Path:
@@ -81,8 +91,11 @@ def test_own_csv_sweep_keeps_good_jobs_when_one_diverges(tmp_path: Path) -> None
     good, bad = jobs = job_dirs(sweeps[0])
     assert [j.parent for j in jobs] == [sweeps[0]] * 2  # '/' in data.path nests nothing
     assert "data.path=" in good.name and "optim.lr=0.001" in good.name
-    assert f"1 job(s) failed: {bad.name}: FloatingPointError: training diverged" in proc.stderr
-    assert good.name[:30] in proc.stdout  # the summary table lists the good job
+    assert f"1 job(s) failed: {bad.name}: failed: FloatingPointError: training" in proc.stderr
+    assert "resume=true hydra.sweep.dir=" in proc.stderr  # how to finish the sweep
+    table = proc.stdout[re.search(r"^lr +train MAE", proc.stdout, re.M).start() :].splitlines()
+    assert table[0].split() == ["lr", "train", "MAE", "test", "MAE"]  # only what varied
+    assert table[1].startswith("0.001 ") and len(table[1].split()) == 3
 
     m = read_metrics(good)
     assert m["status"] == "ok" and m["epochs"] == 2 and len(m["history"]["train/mae"]) == 2
@@ -92,38 +105,34 @@ def test_own_csv_sweep_keeps_good_jobs_when_one_diverges(tmp_path: Path) -> None
     events.Reload()
     assert [len(events.Scalars(t)) for t in ("train/mae", "test/mae")] == [2, 1]
 
-    failed = read_metrics(bad)
+    failed = failure(bad)
     assert failed["status"] == "failed" and failed["config"]["optim"]["lr"] == 1e10
     assert "lower optim.lr" in failed["error"]
+    assert not (bad / "metrics.json").exists()
     assert not (bad / "checkpoints").exists()  # a NaN model is never checkpointed
-    rows, failures = read_sweep(sweeps[0])
-    assert [r["job"] for r in rows] == [good.name] and len(failures) == 1
+    _, failures = summarize(sweeps[0])
+    assert len(failures) == 1 and failures[0].startswith(bad.name)
 
 
 def test_interrupt_resume_evaluate_and_rerun_match_an_uninterrupted_run(tmp_path: Path) -> None:
     args = ("housing_reg.train", "trainer.max_epochs=3", "model.replicas=2", QUIET)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    uninterrupted = popen(*args, f"hydra.run.dir={full}", cwd=tmp_path)
-    interrupted = popen(*args, f"hydra.run.dir={cut}", cwd=tmp_path)
     ckpt = cut / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and interrupted.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    interrupted.send_signal(signal.SIGINT)  # Ctrl-C after the first epoch's checkpoint
+    uninterrupted = popen(*args, f"hydra.run.dir={full}", cwd=tmp_path)
+    ctrl_c = ("+callbacks.interrupt._target_=interrupt.InterruptAt", "+callbacks.interrupt.epoch=1")
+    interrupted = popen(*args, f"hydra.run.dir={cut}", *ctrl_c, cwd=tmp_path)
     _, err = interrupted.communicate(timeout=300)
     _, full_err = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, full_err[-2000:]
 
     assert interrupted.returncode == 1, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert re.match(
-        r"error: interrupted with [12] of 3 epochs done; to continue, run: python -m", last
-    )
+    assert re.match(r"error: interrupted with 1 of 3 epochs done; to continue, run: python", last)
     assert f"resume=true hydra.run.dir={cut}" in last
-    assert read_metrics(cut)["status"] == "interrupted"
+    assert failure(cut)["status"] == "interrupted" and not (cut / "metrics.json").exists()
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert saved["epoch"] < 2 and len(saved["history"]["train/mae"]) == saved["epoch"] + 1
-    assert f"with {saved['epoch'] + 1} of 3 epochs done" in last
+    history = saved["callbacks"]["JobRecorder"]["history"]
+    assert saved["epoch"] == 0 and len(history["train/mae"]) == 1
 
     # Resume the cut run while the full run's checkpoint is evaluated on its test split.
     resume = popen(*args, f"hydra.run.dir={cut}", "resume=true", cwd=tmp_path)
@@ -135,11 +144,15 @@ def test_interrupt_resume_evaluate_and_rerun_match_an_uninterrupted_run(tmp_path
         assert p.returncode == 0, err[-2000:]
     expected = read_metrics(full)
     assert numbers(read_metrics(cut)) == numbers(expected)  # bit-identical after resume
-    assert (cut / "predictions.csv").read_bytes() == (full / "predictions.csv").read_bytes()
+    for name in ("predictions.csv", "replicas.csv"):
+        assert (cut / name).read_bytes() == (full / name).read_bytes()
+    assert not (cut / "failure.json").exists()  # the finished retry clears the failure
+    assert len(read_metrics(cut)["fit_seconds_per_session"]) == 2  # the resumed part apart
 
     m = json.loads((full / "evaluate" / "test" / "metrics.json").read_text())
     assert m["mae"] == expected["test/mae"] and m["rows"] == 102
-    assert [r["mae"] for r in m["per_replica"]] == [r["test/mae"] for r in expected["per_replica"]]
+    evaluated = replicas(full / "evaluate" / "test")
+    assert [r["mae"] for r in evaluated] == [r["test/mae"] for r in replicas(full)]
     pred = (full / "evaluate" / "test" / "predictions.csv").read_bytes()
     assert pred == (full / "predictions.csv").read_bytes()
 
@@ -172,9 +185,14 @@ def test_ckpt_path_continues_to_the_same_numbers(one_epoch_job: Path, tmp_path: 
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        (["model.hidden=[8]"], "hidden: [64, 64] there, [8] here"),
-        (["head=relu"], "head_name: none there, relu here"),
-        (["model.replicas=2"], "seeds: [0] there, [0, 1] here"),
+        (["model.hidden=[8]"], "model.hidden: [64, 64] there, [8] here"),
+        (["head=relu"], "head.name: none there, relu here"),
+        (["model.replicas=2"], "model.replicas: 1 there, 2 here"),
+        (["data.target_scaling=standard"], "data.target_scaling: none there, standard here"),
+        (["data.num_folds=4", "data.val_fraction=0"], "data.num_folds: 0 there, 4 here"),
+        (["optim.lr=0.01"], "optim.lr: 0.001 there, 0.01 here"),
+        (["data.batch_size=16"], "data.batch_size: 32 there, 16 here"),
+        (["optim=adam"], "optim._target_: torch.optim.RMSprop there, torch.optim.Adam here"),
     ],
 )
 def test_resuming_with_other_settings_is_refused(
@@ -264,11 +282,12 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     again = train(cfg_for(tmp_path / "b", "seed=3", *settings))
     other = train(cfg_for(tmp_path / "c", "seed=4", *settings))
     assert numbers(first) == numbers(again)
-    assert numbers(first)["per_replica"] != numbers(other)["per_replica"]
+    assert first["test/mae"] != other["test/mae"]
+    assert replicas(tmp_path / "a") == replicas(tmp_path / "b") != replicas(tmp_path / "c")
     assert (tmp_path / "a" / "predictions.csv").read_bytes() == (
         tmp_path / "b" / "predictions.csv"
     ).read_bytes()
-    assert first["config"]["seed"] == 3 and first["config"]["data"]["seed"] == 3
+    assert first["config"]["seed"] == 3
     assert {"housing_reg", "torch", "lightning", "python"} <= set(first["versions"])
 
 
@@ -278,6 +297,35 @@ def test_sweep_summary_counts_a_killed_job_as_failed(tmp_path: Path) -> None:
         if status:
             metrics = {"status": status, "head": "none", "train/mae": 1.0, "test/mae": 2.0}
             write_json(tmp_path / name / "metrics.json", metrics)
-    rows, failed = read_sweep(tmp_path)
-    assert [r["job"] for r in rows] == ["0_head=none"]
-    assert failed == ["1_head=relu: no metrics.json (killed?); rerun with resume=true"]
+    table, failed = summarize(tmp_path)
+    assert "1.000" in table and "2.000" in table
+    assert failed == ["1_head=relu: incomplete: no metrics.json (still running, or killed)"]
+
+
+def test_a_failed_retry_never_destroys_a_good_result(one_epoch_job: Path, tmp_path: Path):
+    """Rerun a finished job's directory from a truncated checkpoint: the run fails with one
+    line, failure.json records it beside the untouched metrics.json, and readers keep the
+    good result."""
+    job = tmp_path / "job"
+    shutil.copytree(one_epoch_job, job)
+    good = (job / "metrics.json").read_bytes()
+    ckpt = job / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    overrides = ("trainer.max_epochs=2", "data.batch_size=32", "data.val_fraction=0.1")
+    with pytest.raises(RecordError, match="not a housing_reg checkpoint"):
+        train(cfg_for(job, *overrides, "resume=true"))
+    record_failure(cfg_for(job, *overrides, "resume=true"), "failed", RecordError("truncated"))
+    assert (job / "metrics.json").read_bytes() == good
+    assert failure(job)["error"] == "RecordError: truncated"
+    read = read_job(job)
+    assert read.status == "ok" and "a later retry failed" in read.note
+
+
+def test_resuming_a_finished_job_changes_nothing(one_epoch_job: Path, tmp_path: Path):
+    job = tmp_path / "job"
+    shutil.copytree(one_epoch_job, job)
+    before = {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()}
+    overrides = ("trainer.max_epochs=1", "data.batch_size=32", "data.val_fraction=0.1")
+    m = train(cfg_for(job, *overrides, "resume=true"))
+    assert {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()} == before
+    assert m == read_metrics(job)

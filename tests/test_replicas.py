@@ -5,11 +5,12 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from housing_reg.train import train
 
-from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
+from conftest import FAST, job_dirs, read_metrics, replicas, run_cli, scalars
 
 
 def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
@@ -23,23 +24,25 @@ def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
         )
     )
     lone = train(make_cfg(*FAST, "seed=12", "data.val_fraction=0.2", output_dir=tmp_path / "lone"))
-    third = many["per_replica"][2]
+    per_replica = replicas(tmp_path / "many")
+    third = per_replica[2]
     assert third["seed"] == 12
     for key in ("train/mae", "val/mae", "test/mae", "test/mse"):
         assert third[key] == pytest.approx(lone[key], rel=1e-4), key
     # Different seeds really are different models.
-    assert many["per_replica"][0]["test/mae"] != pytest.approx(third["test/mae"], rel=1e-4)
+    assert per_replica[0]["test/mae"] != pytest.approx(third["test/mae"], rel=1e-4)
     # Summary numbers are the replica mean and spread, also in TensorBoard.
-    maes = [r["test/mae"] for r in many["per_replica"]]
+    maes = [r["test/mae"] for r in per_replica]
     assert many["test/mae"] == pytest.approx(sum(maes) / 3)
     assert many["test/mae_std"] > 0
     tb = scalars(tmp_path / "many")
     assert tb["test/mae"][-1] == pytest.approx(many["test/mae"], rel=1e-6)
     assert tb["test/mae_std"][-1] == pytest.approx(many["test/mae_std"], rel=1e-5)
     assert tb["test/mae_min"][-1] == pytest.approx(min(maes), rel=1e-6)
-    # One predictions column per replica besides their mean.
+    # predictions.csv holds the replicas' mean; replicas.npz each replica's own predictions.
     header = (tmp_path / "many" / "predictions.csv").read_text().splitlines()[0]
-    assert header == "y_true,y_pred,y_pred_0,y_pred_1,y_pred_2"
+    assert header == "y_true,y_pred"
+    assert np.load(tmp_path / "many" / "replicas.npz")["test_pred"].shape == (3, 102)
 
 
 @pytest.mark.skipif(
@@ -58,5 +61,5 @@ def test_blocks_train_exactly_like_single_steps(make_cfg, tmp_path: Path):
     one = train(make_cfg(*common, "data.steps_per_block=1", output_dir=tmp_path / "one"))
     block = train(make_cfg(*common, "data.steps_per_block=7", output_dir=tmp_path / "seven"))
     assert block["steps"] == one["steps"] == 2 * 135
-    assert block["per_replica"] == one["per_replica"]
+    assert replicas(tmp_path / "seven") == replicas(tmp_path / "one")
     assert block["history"] == one["history"]

@@ -338,9 +338,9 @@ def test_jobs_run_in_one_process_do_not_pile_up(make_cfg, monkeypatch: pytest.Mo
     models, original = [], train_module.build
 
     def build(cfg):
-        data, model, trainer = original(cfg)
+        data, model, trainer, recorder = original(cfg)
         models.append(weakref.ref(model))
-        return data, model, trainer
+        return data, model, trainer, recorder
 
     monkeypatch.setattr(train_module, "build", build)
     for _ in range(2):

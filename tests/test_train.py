@@ -26,13 +26,13 @@ def test_overrides_reach_the_model_optimizer_and_trainer(make_cfg):
         "seed=5",
         "model.replicas=2",
     )
-    data, model, trainer = build(cfg)
+    data, model, trainer, _ = build(cfg)
     assert [tuple(w.shape) for w in model.net.weights] == [(2, 13, 16), (2, 16, 8), (2, 8, 1)]
     assert isinstance(model.head, torch.nn.Tanh)
     assert model.configure_optimizers().param_groups[0]["lr"] == 3e-4
     assert isinstance(model.configure_optimizers(), torch.optim.RMSprop)
     assert trainer.max_epochs == 3 and data.batch_size == 16
-    assert data.replica_seeds() == [5, 6]
+    assert data.seeds == model.seeds == [5, 6]
 
 
 def test_train_writes_metrics_predictions_and_tensorboard(make_cfg, tmp_path: Path):
@@ -76,10 +76,14 @@ def test_head_sweep_from_the_command_line(tmp_path: Path):
     good = max(test_mae["relu"], test_mae["none"])
     assert min(test_mae["sigmoid"], test_mae["tanh"]) > 3 * good
     assert test_mae["sigmoid"] > 15
-    # The end-of-sweep table names every head.
-    table = proc.stdout[proc.stdout.index("train/mae") :]
-    for head in ("relu", "none", "sigmoid", "tanh"):
-        assert head in table
+    # The end-of-sweep table: what varied (the head), the MAEs, where it all went, what next.
+    table = proc.stdout[proc.stdout.index("head ") :].splitlines()
+    assert table[0].split() == ["head", "train", "MAE", "test", "MAE"]
+    assert [row.split()[0] for row in table[1:5]] == ["relu", "none", "sigmoid", "tanh"]
+    assert float(table[3].split()[2]) == pytest.approx(test_mae["sigmoid"], abs=1e-3)
+    sweep_dir = jobs[0].parent
+    assert f"sweep directory: {sweep_dir.relative_to(tmp_path)}" in proc.stdout
+    assert f"next: python -m housing_reg.report {sweep_dir.relative_to(tmp_path)}" in proc.stdout
 
 
 def test_hparams_tab_lists_head_against_test_mae(tmp_path: Path):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -184,13 +185,14 @@ def target_scaler(y: np.ndarray, kind: str, target_range: Sequence[float]) -> Af
 
 
 class EpochBatches:
-    """Blocks of mini-batches for R replicas, each replica with its own seeded order per epoch.
+    """One epoch of mini-batches for R replicas, each replica with its own seeded order.
 
-    Yields x of shape (R, K*B, F) and y of shape (R, K*B, 1): K = steps_per_block consecutive
-    mini-batches of B rows, which the model takes as K optimizer steps. Lightning's loop costs
-    about as much per batch it hands over as a whole batch-size-1 step, so handing it blocks
-    instead of single rows keeps that cost off most steps. The order for replica r in epoch e
-    depends only on (seed_r, e), so a resumed run or a lone replica sees the same mini-batches.
+    Lightning is handed blocks: lists of `steps_per_block` consecutive mini-batches, each x of
+    shape (R, B, F) and y of shape (R, B, 1), which the model takes as one optimizer step each.
+    Lightning's loop costs about as much per batch it hands over as a whole batch-size-1 step,
+    so blocks keep that cost off most steps (scripts/bench.py, "steps_per_block=1" row); the
+    training is the same for any block size. The order for replica r in epoch e depends only
+    on (seed_r, e), so a resumed run or a lone replica sees the same mini-batches.
     """
 
     def __init__(
@@ -203,19 +205,21 @@ class EpochBatches:
         steps_per_block: int = 1,
     ):
         self.x, self.y, self.batch_size, self.seeds, self.epoch = x, y, batch_size, seeds, epoch
-        self.block_rows = batch_size * steps_per_block
+        self.steps_per_block = steps_per_block
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.block_rows)
+        return math.ceil(math.ceil(len(self.x) / self.batch_size) / self.steps_per_block)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         e = self.epoch()
         order = torch.from_numpy(
             np.stack([np.random.default_rng((s, e)).permutation(len(self.x)) for s in self.seeds])
         )
         x, y = self.x[order], self.y[order]  # one gather per epoch, then views
-        for i in range(0, len(self.x), self.block_rows):
-            yield x[:, i : i + self.block_rows], y[:, i : i + self.block_rows]
+        b = self.batch_size
+        steps = [(x[:, i : i + b], y[:, i : i + b]) for i in range(0, len(self.x), b)]
+        for k in range(0, len(steps), self.steps_per_block):
+            yield steps[k : k + self.steps_per_block]
 
 
 class FullBatch:
@@ -249,9 +253,9 @@ class RegressionData(L.LightningDataModule):
         steps_per_block: int = 16,
         target_scaling: str = "none",
         target_range: Sequence[float] = (0.0, 1.0),
-        seed: int = 0,
-        replicas: int = 1,
+        seeds: Sequence[int] = (0,),
     ):
+        """seeds: one shuffling order per model replica (model.replica_seeds)."""
         super().__init__()
         check_settings(
             test_split,
@@ -259,14 +263,11 @@ class RegressionData(L.LightningDataModule):
             num_folds,
             fold,
             batch_size,
+            steps_per_block,
             target_scaling,
             target_range,
-            replicas,
         )
-        if steps_per_block < 1:
-            raise DataError(f"data.steps_per_block={steps_per_block} must be >= 1")
-        self.batch_size, self.seed, self.replicas = batch_size, seed, replicas
-        self.steps_per_block = steps_per_block
+        self.batch_size, self.steps_per_block, self.seeds = batch_size, steps_per_block, seeds
         table = load_csv(path, target, features)
         self.features, self.target = table.features, table.target
         train_idx, test_idx = keras_split(len(table.y), test_split, split_seed)
@@ -313,11 +314,23 @@ class RegressionData(L.LightningDataModule):
         return torch.as_tensor(self.y_scaler(a), dtype=torch.float32).unsqueeze(-1)
 
     @property
+    def has_validation(self) -> bool:
+        return len(self.splits["val"][0]) > 0
+
+    @property
     def num_features(self) -> int:
         return len(self.features)
 
-    def replica_seeds(self) -> list[int]:
-        return [self.seed + r for r in range(self.replicas)]
+    def model_inputs(self) -> dict[str, Any]:
+        """What the model must carry to turn raw CSV columns into predictions on its own."""
+        return {
+            "num_features": self.num_features,
+            "features": list(self.features),
+            "x_shift": self.x_scaler.shift,
+            "x_scale": self.x_scaler.scale,
+            "y_shift": self.y_scaler.shift,
+            "y_scale": self.y_scaler.scale,
+        }
 
     def train_dataloader(self) -> EpochBatches:
         x, y = self.splits["train"]
@@ -325,7 +338,7 @@ class RegressionData(L.LightningDataModule):
             x,
             y,
             self.batch_size,
-            self.replica_seeds(),
+            self.seeds,
             lambda: self.trainer.current_epoch if self.trainer else 0,
             self.steps_per_block,
         )
@@ -347,9 +360,9 @@ def check_settings(
     num_folds: int,
     fold: int,
     batch_size: int,
+    steps_per_block: int,
     target_scaling: str,
     target_range: Sequence[float],
-    replicas: int,
 ) -> None:
     if not 0 < test_split < 1:
         raise DataError(
@@ -381,5 +394,5 @@ def check_settings(
             f"data.target_range={list(target_range)} must be [low, high] with "
             "low < high, e.g. [0, 1] for sigmoid or [-1, 1] for tanh"
         )
-    if replicas < 1:
-        raise DataError(f"model.replicas={replicas} must be >= 1")
+    if steps_per_block < 1:
+        raise DataError(f"data.steps_per_block={steps_per_block} must be >= 1")

@@ -25,6 +25,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from omegaconf import OmegaConf
 
+from housing_reg import record
+from housing_reg.record import find_jobs
+
 METRICS = ("test/mae", "train/mae", "val/mae")
 # Config keys a job repeats over, or that do not change its numbers: never a group.
 REPEATS = {"seed", "data.seed", "data.fold", "data.replicas", "model.replicas"}
@@ -138,46 +141,29 @@ class Job:
     runs: list[Run] = field(default_factory=list)
 
 
-def find_jobs(root: Path) -> list[Path]:
-    """Every job directory under root (root included): Hydra writes .hydra/ as a job starts,
-    so this finds running jobs too, and skips evaluate's outputs inside a job."""
-    found = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
-    return sorted(found, key=lambda p: [_natural(part) for part in p.relative_to(root).parts])
-
-
-def _natural(name: str) -> tuple[int, str]:
-    num = name.split("_", 1)[0]
-    return (int(num) if num.isdigit() else -1, name)
-
-
 def read_job(path: Path, root: Path) -> Job:
-    """A job directory as runs, or the reason it has none; never raises on bad contents."""
+    """A job directory (read by record.read_job) as runs, or the reason it has none."""
     name = summary_name(path, root)
-    metrics_file = path / "metrics.json"
-    if not metrics_file.exists():
-        return Job(path, "incomplete", "no metrics.json yet (still running, or killed)")
+    job = record.read_job(path)
+    if job.status != "ok":
+        return Job(path, job.status, job.reason)
     try:
-        m = json.loads(metrics_file.read_text())
-        if m.get("status") == "failed":
-            return Job(path, "failed", str(m.get("error", "unknown error")))
-        if m.get("status") != "ok":
-            return Job(path, "broken", f"metrics.json has status {m.get('status')!r}")
         config_file = path / ".hydra" / "config.yaml"
         if not config_file.exists():
             return Job(path, "broken", "no .hydra/config.yaml to say what ran")
         config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
-        y_true, preds = read_predictions(path / "predictions.csv", len(m["per_replica"]))
+        y_true = read_truth(path / "predictions.csv")
         runs = [
             Run(
                 job=name,
-                fold=m.get("fold"),
-                seed=int(rep["seed"]),
-                metrics={k: float(rep[k]) for k in (*METRICS, "test/mse") if k in rep},
-                curves={k: [epoch[r] for epoch in v] for k, v in m["history"].items() if v},
+                fold=job.metrics.get("fold"),
+                seed=rep["seed"],
+                metrics={k: rep[k] for k in (*METRICS, "test/mse") if k in rep},
+                curves=rep["curves"],
                 y_true=y_true,
-                y_pred=preds[r],
+                y_pred=rep["test_pred"].astype(float),
             )
-            for r, rep in enumerate(m["per_replica"])
+            for rep in job.replicas()
         ]
     except FileNotFoundError as e:
         return Job(path, "broken", f"missing {Path(e.filename).name}")
@@ -186,16 +172,13 @@ def read_job(path: Path, root: Path) -> Job:
     return Job(path, "ok", settings=settings_of(config), runs=runs)
 
 
-def read_predictions(path: Path, replicas: int) -> tuple[np.ndarray, np.ndarray]:
-    """predictions.csv -> y_true (N,), per-replica predictions (R, N)."""
+def read_truth(path: Path) -> np.ndarray:
+    """predictions.csv's y_true column: the test targets, in order."""
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], np.array(rows[1:], dtype=float)
-    cols = [f"y_pred_{r}" for r in range(replicas)] if replicas > 1 else ["y_pred"]
-    missing = [c for c in ["y_true", *cols] if c not in header]
-    if missing or not len(body):
-        raise ValueError(f"predictions.csv lacks {', '.join(missing) or 'rows'}")
-    return body[:, header.index("y_true")], body[:, [header.index(c) for c in cols]].T
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError("predictions.csv has no rows")
+    return np.array([float(r["y_true"]) for r in rows])
 
 
 def settings_of(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,311 @@
+"""The command line's policy: group choices checked first, one-line errors, exit codes, what a
+run says when it ends, and the sweep's summary, lock and resume hints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
+from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from housing_reg.record import find_jobs, read_job, write_failure
+from housing_reg.settings import USER_ERRORS, ConfigError
+
+log = logging.getLogger("housing_reg")
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped training; checkpoints/last.ckpt holds the last whole epoch."""
+
+
+def start(main: Callable[[], Any]) -> None:
+    """`python -m housing_reg.train`: a one-line check of group choices, then Hydra's app."""
+    sys.argv[1:] = quote_paths(sys.argv[1:])
+    try:
+        check_choices(sys.argv[1:])
+        check_output_dirs(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    main()
+
+
+PATH_KEYS = ("ckpt_path", "data.path", "output_dir", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """Quote a path that holds '=' (every sweep job's directory does: 0_head=relu/...), which
+    Hydra's override grammar would otherwise reject: ckpt_path=JOB/checkpoints/last.ckpt works
+    as typed. A value without '=' is left alone, so data.path=a.csv,b.csv still sweeps."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in PATH_KEYS and "=" in value and value[:1] not in "'\"":
+            arg = (
+                f"{key}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'"
+            )
+        out.append(arg)
+    return out
+
+
+def check_output_dirs(args: list[str]) -> None:
+    """hydra.run.dir / hydra.sweep.dir can be created: Hydra would fail with a traceback."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            try:
+                Path(value).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"{key}={value}: cannot create that directory ({e.strerror}); "
+                    "choose a writable path"
+                ) from None
+
+
+def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> float | None:
+    """Run one job: a failure is recorded beside the job's files and, in a sweep, logged so
+    the sweep goes on (its summary lists it); alone, it exits non-zero with one line."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    quiet_known_warnings()
+    try:
+        metrics = train(cfg)
+    except Interrupted as e:  # stops a sweep too: Ctrl-C means stop
+        record_failure(cfg, "interrupted", e)
+        sys.exit(f"error: {e}; to continue, {resume_hint(cfg, multirun)}")
+    except Exception as e:
+        record_failure(cfg, "failed", e)
+        expected = isinstance(e, (*USER_ERRORS, OSError))  # OSError: a full disk, a bad path
+        if not multirun:
+            if expected:
+                sys.exit(f"error: {one_line(e)}")
+            raise  # a bug: show the traceback
+        # The sweep goes on; its summary lists this job. A bug's traceback goes to the job log.
+        log.error("job failed: %s", one_line(e), exc_info=not expected)
+        return None
+    if not multirun:
+        unit = metrics.get("target", {}).get("unit", "")
+        print(
+            f"test MAE {metrics['test/mae']:.3f}{' ' + unit if unit else ''} "
+            f"(train {metrics['train/mae']:.3f}); results in {cfg.output_dir}"
+        )
+    return objective(metrics)
+
+
+def quiet_known_warnings() -> None:
+    """Two warnings Lightning prints on every run that a user can do nothing about."""
+    # Lightning looks for a Slurm job whenever `srun` is on PATH; a job here is one process,
+    # also under hydra/launcher=slurm, so there is nothing to launch with srun.
+    warnings.filterwarnings("ignore", message="The `srun` command is available")
+    # lightning 2.6 calls a torch.utils._pytree API that torch 2.13 deprecates.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {text}"
+
+
+def objective(metrics: dict[str, Any]) -> float | None:
+    """What a sweeper (hparams_search=optuna) minimizes: validation MAE, never test MAE.
+
+    None without a validation split (and for a failed job): Optuna marks the trial failed.
+    """
+    value = metrics.get("val/mae")
+    return float(value) if value is not None else None
+
+
+def record_failure(cfg: DictConfig, status: str, e: BaseException) -> None:
+    """failure.json in the job dir; where even that cannot be written (a full disk), the
+    error line still reaches the user."""
+    try:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_failure(out, status, e, OmegaConf.to_container(cfg, resolve=True))
+    except Exception as again:
+        log.error("could not record the failure in %s: %s", cfg.output_dir, one_line(again))
+
+
+def resume_hint(cfg: DictConfig, multirun: bool) -> str:
+    hc = HydraConfig.get()
+    if multirun:
+        return f"rerun the sweep with resume=true hydra.sweep.dir={hc.sweep.dir}"
+    args = [a for a in hc.overrides.task if not a.startswith(("resume=", "hydra.run.dir="))]
+    return "run: python -m housing_reg.train " + " ".join(
+        [*args, "resume=true", f"hydra.run.dir={cfg.output_dir}"]
+    )
+
+
+# -- config-group choices --------------------------------------------------------------------
+def check_choices(args: list[str]) -> None:
+    """Each config-group override (head=, optim=, hydra/launcher=, ...) names an option Hydra
+    can see, plugins included; otherwise one ConfigError line lists the valid ones."""
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in args if "=" in a and not a.startswith("-")]
+        )
+    except OverrideParseException:
+        return  # Hydra's own parser error says where
+    conf = files("housing_reg.conf")
+    for o in overrides:
+        if o.is_delete() or o.value_type not in (
+            ValueType.ELEMENT,
+            ValueType.CHOICE_SWEEP,
+            ValueType.SIMPLE_CHOICE_SWEEP,
+        ):
+            continue
+        group = o.key_or_group.lstrip("+")
+        ours = conf / group
+        if not ours.is_dir() and not group.startswith("hydra/"):
+            continue  # not a config group: a plain key such as optim.lr
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        for v in values:
+            if isinstance(v, str) and not (ours / f"{v}.yaml").is_file():
+                check_option(group, v)  # not one of ours: a plugin's, or a typo
+
+
+def check_option(group: str, value: str) -> None:
+    """Compose with group=value alone: Hydra knows every option, plugins' included."""
+    try:
+        with initialize_config_module("housing_reg.conf", version_base="1.3"):
+            compose("config", overrides=[f"{group}={value}"], return_hydra_config=True)
+    except MissingConfigException as e:
+        options = e.options or []
+        raise ConfigError(
+            f"{group}={value} is not an available option; choose one of: {', '.join(options)}"
+        ) from None
+    except Exception:
+        return  # anything else: Hydra reports it in full when the run composes
+
+
+# -- sweeps ----------------------------------------------------------------------------------
+class Sweep(Callback):
+    """Holds a lock on the sweep directory while jobs run, then prints what varied, each job's
+    MAEs, the failures and the next command; exits 1 if any job failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        lock(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        unlock(sweep_dir)
+        text, failed = summarize(sweep_dir)
+        print(text)
+        if failed:
+            print(f"{len(failed)} job(s) failed: " + "; ".join(failed), file=sys.stderr)
+            print(f"to finish them: {rerun_command(config)}", file=sys.stderr)
+            sys.exit(1)
+
+
+def lock(sweep_dir: Path) -> None:
+    """sweep_dir/.lock holds the PID of the sweep writing there; a second live sweep into the
+    same directory stops with one line, a stale lock (its process gone) is taken over."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / ".lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and alive(pid):
+                sys.exit(
+                    f"error: another sweep (PID {pid}) is writing to {sweep_dir}; wait for it "
+                    "to finish or choose another hydra.sweep.dir"
+                )
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+
+
+def unlock(sweep_dir: Path) -> None:
+    path = sweep_dir / ".lock"
+    try:
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def rerun_command(config: DictConfig) -> str:
+    task = [a for a in config.hydra.overrides.task if not a.startswith("resume=")]
+    return " ".join(
+        ["python -m housing_reg.train -m", *task, "resume=true"]
+        + [f"hydra.sweep.dir={config.hydra.sweep.dir}"]
+    )
+
+
+def summarize(sweep_dir: Path) -> tuple[str, list[str]]:
+    """The end-of-sweep table: one column per override that varies across jobs (by its short
+    name), then train and test MAE; and one line per job that did not finish."""
+    rows, failed, every = [], [], []
+    for path in find_jobs(sweep_dir):
+        job = read_job(path)
+        every.append(task_overrides(path))
+        if job.status == "ok":
+            rows.append((every[-1], job.metrics))
+        else:
+            failed.append(f"{path.name}: {job.status}: {job.reason}")
+    keys = list(dict.fromkeys(k for o in every for k in o))
+    varying = [k for k in keys if len({o.get(k) for o in every}) > 1] or keys[:1]
+    names = short_names(varying)
+    header = [*names, "train MAE", "test MAE"]
+    cells = [
+        [o.get(k, "") for k in varying] + [f"{m['train/mae']:.3f}", f"{m['test/mae']:.3f}"]
+        for o, m in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells, strict=True)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *cells]
+    ]
+    lines += [
+        "",
+        f"sweep directory: {sweep_dir}",
+        f"next: python -m housing_reg.report {sweep_dir}    (or: tensorboard --logdir {sweep_dir})",
+    ]
+    return "\n".join(lines), failed
+
+
+def task_overrides(job: Path) -> dict[str, str]:
+    """The job's own command-line overrides (Hydra's .hydra/overrides.yaml), key -> value."""
+    path = job / ".hydra" / "overrides.yaml"
+    items = OmegaConf.load(path) if path.exists() else []
+    out = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        if key.lstrip("+~") not in ("resume", "ckpt_path", "callbacks.progress_bar.refresh_rate"):
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def short_names(keys: list[str]) -> list[str]:
+    """Each key by its last part (data.target_scaling -> target_scaling), unless two clash."""
+    last = [k.rsplit(".", 1)[-1].rsplit("/", 1)[-1] for k in keys]
+    return [s if last.count(s) == 1 else k for s, k in zip(last, keys, strict=True)]

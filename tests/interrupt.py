@@ -1,0 +1,18 @@
+"""A Ctrl-C at a known point, for the interrupt tests (added with +callbacks.interrupt=...)."""
+
+import os
+import signal
+
+import lightning as L
+
+
+class InterruptAt(L.Callback):
+    """Sends this process SIGINT, as a user's Ctrl-C would, when epoch `epoch` starts: after
+    the previous epoch's checkpoint, before training ends, whatever the machine's speed."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGINT)
