@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 BOSTON_CSV = Path(str(files("housing_reg") / "datasets" / "boston.csv"))
+# Bundled data sets (data.name, read when data.path is null): CSV in datasets/, target's unit.
+BUNDLED = {"boston": ("boston.csv", "$1000s"), "diabetes": ("diabetes.csv", "")}
 TARGET_SCALINGS = ("none", "standard", "minmax")
 
 
@@ -251,6 +253,9 @@ class RegressionData(L.LightningDataModule):
         target_range: Sequence[float] = (0.0, 1.0),
         seed: int = 0,
         replicas: int = 1,
+        name: str = "boston",
+        target_label: str | None = None,
+        target_unit: str | None = None,
     ):
         super().__init__()
         check_settings(
@@ -267,8 +272,16 @@ class RegressionData(L.LightningDataModule):
             raise DataError(f"data.steps_per_block={steps_per_block} must be >= 1")
         self.batch_size, self.seed, self.replicas = batch_size, seed, replicas
         self.steps_per_block = steps_per_block
-        table = load_csv(path, target, features)
+        if not path and name not in BUNDLED:
+            raise DataError(
+                f"data.name={name!r}: choose one of {', '.join(BUNDLED)} or set data.path"
+            )
+        csv_file, unit = (None, "") if path else BUNDLED[name]
+        table = load_csv(path or BOSTON_CSV.with_name(csv_file), target, features)
         self.features, self.target = table.features, table.target
+        self.dataset = Path(path).stem if path else name
+        self.target_label = target_label or table.target
+        self.target_unit = unit if target_unit is None else target_unit
         train_idx, test_idx = keras_split(len(table.y), test_split, split_seed)
         if num_folds:
             fit_idx, val_idx = fold_split(len(train_idx), num_folds, fold)
