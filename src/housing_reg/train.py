@@ -39,6 +39,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from housing_reg.data import DataError, RegressionData
 from housing_reg.model import Regressor
+from housing_reg.stats import train_targets
 
 log = logging.getLogger(__name__)
 # Lightning advertises a cloud logger on every run; a sweep would print it once per job.
@@ -271,6 +272,9 @@ def collect_metrics(
     metrics: dict[str, Any] = {
         "status": "ok",
         "head": cfg.head.name,
+        "dataset": trainer.datamodule.dataset,
+        "target": {"name": trainer.datamodule.target_label, "unit": trainer.datamodule.target_unit},
+        "train_targets": train_targets(trainer.datamodule),  # the report's answer.png
         "seed": cfg.seed,
         "replicas": len(seeds),
         "target_scaling": cfg.data.target_scaling,
