@@ -20,7 +20,7 @@ from housing_reg.report import Estimate, t_quantile
 from conftest import FAST, job_dirs, read_metrics, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ("mae_by_head.png", "pred_vs_true.png", "curves.png")
+FIGURES = ("answer.png", "mae_by_head.png", "pred_vs_true.png", "curves.png")
 # Two-sided 95% points of Student's t from a printed table (e.g. NIST/SEMATECH 1.3.6.7.2).
 T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 10: 2.228, 30: 2.042}
 
@@ -153,8 +153,8 @@ def test_duplicate_runs_across_jobs_agree_so_the_report_counts_them_once(sweeps:
 def test_verdict_and_left_out_jobs(reported):
     _, md = reported
     verdict = md.split("## Verdict")[1]
-    assert "relu vs sigmoid: clear difference, sigmoid worse by" in verdict
-    assert "sigmoid: 100% of test predictions sit at 1.00" in verdict
+    assert "Best: relu, test MAE" in verdict and "clearly ahead of sigmoid by" in verdict
+    assert "sigmoid: every test prediction sits at 1.00 (sigmoid's upper bound)" in verdict
     left_out = md.split("## Left out")[1]
     assert "b/0_" in left_out and "failed: ConfigError" in left_out
     assert "a/98_still_running: incomplete" in left_out

@@ -331,8 +331,10 @@ def log_pred_vs_true(trainer: L.Trainer, cfg: DictConfig, model: Regressor) -> N
     r = model.replicas
     seeds = f"seed {cfg.seed}" if r == 1 else f"seeds {cfg.seed}-{cfg.seed + r - 1}"
     fold = f", fold {cfg.data.fold}" if cfg.data.num_folds else ""
-    title = f"{cfg.head.name}, {cfg.data.target_scaling} targets, {seeds}{fold}"
-    fig = pred_vs_true_figure(model.test_targets.cpu(), model.test_predictions.cpu(), title)
+    dm, scaling = trainer.datamodule, cfg.data.target_scaling.replace("none", "unscaled")
+    title = f"{dm.dataset}: {cfg.head.name}, {scaling} targets, {seeds}{fold}"
+    pred, true, target = model.test_predictions.cpu(), model.test_targets.cpu(), dm.target_label
+    fig = pred_vs_true_figure(true, pred, title, target, dm.target_unit)
     writer = trainer.logger.experiment
     writer.add_image("test/pred_vs_true", figure_rgb(fig), dataformats="HWC")
     writer.flush()
