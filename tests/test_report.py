@@ -367,3 +367,17 @@ def test_diabetes_fails_and_is_fixed_the_same_way(tmp_path: Path):
     assert f"sits at 1.00 (sigmoid's upper bound), {mean - 1:.2f} below the mean test target" in md
     for word in ("$1000s", "price", "house"):
         assert word not in md.lower()
+
+
+def test_two_data_sets_are_never_compared_with_each_other(tmp_path: Path):
+    run_cli("-m", "data=boston,diabetes", "head=none,sigmoid", "model.replicas=2", *FAST,
+            f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+    md = run_cli(str(tmp_path), module="housing_reg.report", cwd=tmp_path).stdout
+    header, rows = read_table(md)
+    assert header[:3] == ["head", "data", "runs"]  # the target goes with the data set
+    assert [r[1] for r in rows] == ["boston", "boston", "diabetes", "diabetes"]
+    boston, diabetes = md.split("- **boston** (MEDV, $1000s):")[1].split("- **diabetes**")
+    assert "one price for every house" in boston and "($1000s)" in boston
+    assert "one value for every row" in diabetes
+    for word in ("$1000s", "price", "house", "boston"):
+        assert word not in diabetes

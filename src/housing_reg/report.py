@@ -384,7 +384,13 @@ def group_runs(jobs: list[Job]) -> Sweep:
     varying = [k for k in keys if len({repr(j.settings.get(k)) for j in ok}) > 1]
     common = {k: ok[0].settings.get(k) for k in keys if k not in varying} if ok else {}
     first = [k for k in ("data", "data.target", "scaling") if k in varying]
-    shown = first + [k for k in varying if k not in (*first, "head.name")]
+    if {"data", "data.target"} <= set(first) and all(  # each data set with its own target
+        len({j.settings.get("data.target") for j in ok if j.settings["data"] == d}) == 1
+        for d in {j.settings["data"] for j in ok}
+    ):
+        first.remove("data.target")  # shown as the data set
+    hidden = ("head.name", "data", "data.target", "scaling")
+    shown = first + [k for k in varying if k not in hidden]
     names = short_names(shown)
     groups: dict[tuple, Group] = {}
     for j in ok:
@@ -460,7 +466,7 @@ def verdict(sweep: Sweep) -> list[str]:
         body = block_verdict(sorted(block, key=lambda g: g.estimate("test/mae").mean), drop)
         if len(blocks) > 1:
             t = block[0].target
-            about = f"{t.name}{t.units}" if "data" in drop else ""
+            about = (t.name + (f", {t.unit}" if t.unit else "")) if "data" in drop else ""
             lines.append(f"- **{setting_text(shared)}**" + (f" ({about})" if about else "") + ":")
             lines += [f"  - {line}" for line in body]
         else:
