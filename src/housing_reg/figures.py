@@ -89,10 +89,17 @@ def mae_label(target, prefix: str = "MAE") -> str:
     return f"{prefix} ({target.unit})" if target.unit else f"{prefix} of {target.name}"
 
 
-def setting_text(rest: tuple) -> str:
-    from housing_reg.report import setting_text as text  # one wording for tables and figures
+def scaling_text(scaling: str) -> str:
+    return "unscaled" if scaling == "none" else scaling
 
-    return text(rest)
+
+def setting_text(rest: tuple[tuple[str, str], ...]) -> str:
+    """The wording of settings in tables, verdicts and figures alike:
+    ("scaling", "none"), ("lr", "0.01") -> "unscaled targets, lr=0.01"."""
+    return ", ".join(
+        f"{scaling_text(v)} targets" if k == "scaling" else v if k == "data" else f"{k}={v}"
+        for k, v in rest
+    )
 
 
 # -- test MAE per head ----------------------------------------------------------------------------
@@ -126,9 +133,14 @@ def plot_mae_by_head(groups: list[Group], path: Path) -> None:
                 )
                 e = g.estimate("test/mae")
                 ax.errorbar(
-                    x, e.mean, yerr=e.half if e.has_ci else None, fmt="o", color=color,
-                    capsize=4, ms=5,
-                )  # fmt: skip
+                    x,
+                    e.mean,
+                    yerr=e.half if e.has_ci else None,
+                    fmt="o",
+                    color=color,
+                    capsize=4,
+                    ms=5,
+                )
                 ax.annotate(
                     f"{e.mean:.2f}",
                     (x, e.mean),
@@ -392,9 +404,14 @@ def _answer_panel(ax, groups: list[Group], heads: list[str], colors, max_runs: i
     top = len(lanes) - 0.4
     heights = 1.6 * counts / (counts.max() or 1)
     ax.bar(
-        (edges[:-1] + edges[1:]) / 2, heights, width=np.diff(edges), bottom=top, color="0.6",
-        ec="0.45", lw=0.4,
-    )  # fmt: skip
+        (edges[:-1] + edges[1:]) / 2,
+        heights,
+        width=np.diff(edges),
+        bottom=top,
+        color="0.6",
+        ec="0.45",
+        lw=0.4,
+    )
     ax.axvline(mean, color="0.3", lw=0.8, ls="--")
     ax.text(mean, top + 1.65, f" mean {mean:.3g}", fontsize=7, va="bottom", color="0.3")
     ax.set_yticks([*range(len(lanes)), top + 0.8], [*labels, what.replace(" (", "\n(")])

@@ -32,6 +32,9 @@ from housing_reg.figures import (
     plot_mae_by_head,
     plot_pred_vs_true,
     pred_vs_true_figure,  # noqa: F401
+    scaling_text,
+    setting_text,
+    settings_order,
     units,
 )
 from housing_reg.stats import (  # noqa: F401 (t_quantile, t_two_sided: part of this API)
@@ -240,18 +243,6 @@ def shown_value(key: str, value: Any) -> str:
     return str(value).rsplit(".", 1)[-1] if key.endswith("._target_") else str(value)
 
 
-def scaling_text(scaling: str) -> str:
-    return "unscaled" if scaling == "none" else scaling
-
-
-def setting_text(rest: tuple[tuple[str, str], ...]) -> str:
-    """("scaling", "none"), ("lr", "0.01") -> "unscaled targets, lr=0.01"."""
-    return ", ".join(
-        f"{scaling_text(v)} targets" if k == "scaling" else v if k == "data" else f"{k}={v}"
-        for k, v in rest
-    )
-
-
 # -- grouping ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pin:
@@ -442,8 +433,6 @@ def one_unit(groups: list[Group]) -> str:
 
 def pivot_table(groups: list[Group]) -> str:
     """Markdown: test MAE, heads down and the other setting across (when just one varies)."""
-    from housing_reg.figures import settings_order
-
     rests = settings_order(groups)
     heads = list(dict.fromkeys(g.head for g in groups))
     cell = {(g.head, g.rest): f"{g.estimate('test/mae')}" for g in groups}
