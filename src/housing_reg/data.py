@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 BOSTON_CSV = Path(str(files("housing_reg") / "datasets" / "boston.csv"))
+# Bundled data sets (data.name, read when data.path is null): CSV in datasets/, target's unit.
+BUNDLED = {"boston": ("boston.csv", "$1000s"), "diabetes": ("diabetes.csv", "")}
 TARGET_SCALINGS = ("none", "standard", "minmax")
 
 
@@ -253,6 +255,9 @@ class RegressionData(L.LightningDataModule):
         steps_per_block: int = 16,
         target_scaling: str = "none",
         target_range: Sequence[float] = (0.0, 1.0),
+        name: str = "boston",
+        target_label: str | None = None,
+        target_unit: str | None = None,
         seeds: Sequence[int] = (0,),
     ):
         """seeds: one shuffling order per model replica (model.replica_seeds)."""
@@ -268,8 +273,16 @@ class RegressionData(L.LightningDataModule):
             target_range,
         )
         self.batch_size, self.steps_per_block, self.seeds = batch_size, steps_per_block, seeds
-        table = load_csv(path, target, features)
+        if path is None and name not in BUNDLED:
+            raise DataError(
+                f"data.name={name!r}: choose one of {', '.join(BUNDLED)} or set data.path"
+            )
+        csv_file, unit = ("", "") if path is not None else BUNDLED[name]
+        table = load_csv(BOSTON_CSV.with_name(csv_file) if path is None else path, target, features)
         self.features, self.target = table.features, table.target
+        self.dataset = name if path is None else Path(path).stem
+        self.target_label = target_label or table.target
+        self.target_unit = unit if target_unit is None else target_unit
         train_idx, test_idx = keras_split(len(table.y), test_split, split_seed)
         if num_folds:
             fit_idx, val_idx = fold_split(len(train_idx), num_folds, fold)

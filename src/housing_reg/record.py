@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from housing_reg.stats import train_targets
+
 METRICS = ("train/mae", "val/mae", "test/mae", "test/mse")
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
@@ -107,10 +109,13 @@ class JobRecorder(Checkpoint):
     def summary(
         self, trainer: L.Trainer, seeds: list[int], per_replica: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
-        c = self.config
+        c, data = self.config, trainer.datamodule
         metrics: dict[str, Any] = {
             "status": "ok",
             "head": c["head"]["name"],
+            "dataset": data.dataset,
+            "target": {"name": data.target_label, "unit": data.target_unit},
+            "train_targets": train_targets(data),  # the report's answer.png
             "seed": c["seed"],
             "replicas": len(seeds),
             "target_scaling": c["data"]["target_scaling"],
@@ -191,12 +196,12 @@ def log_pred_vs_true(
     """IMAGES tab: this job's test predictions against the truth, drawn once after testing."""
     from housing_reg.report import figure_rgb, pred_vs_true_figure  # matplotlib: only here
 
-    c, r = config, len(pred)
+    c, r, data = config, len(pred), trainer.datamodule
     seeds = f"seed {c['seed']}" if r == 1 else f"seeds {c['seed']}-{c['seed'] + r - 1}"
     fold = f", fold {c['data']['fold']}" if c["data"]["num_folds"] else ""
-    scaling = c["data"]["target_scaling"]
-    title = f"{c['head']['name']}, {'un' if scaling == 'none' else scaling + ' '}scaled targets"
-    fig = pred_vs_true_figure(true, pred, f"{title}, {seeds}{fold}")
+    scaling = c["data"]["target_scaling"].replace("none", "unscaled")
+    title = f"{data.dataset}: {c['head']['name']}, {scaling} targets, {seeds}{fold}"
+    fig = pred_vs_true_figure(true, pred, title, data.target_label, data.target_unit)
     writer = trainer.logger.experiment
     writer.add_image("test/pred_vs_true", figure_rgb(fig), dataformats="HWC")
     writer.flush()

@@ -3,8 +3,10 @@
 `python -m housing_reg.report DIR` reads only what jobs wrote to disk (metrics.json,
 .hydra/config.yaml, predictions.csv), so it works on a sweep from any launcher, on a directory
 holding several sweeps, and on a sweep still being written. Every replica of a job is one run.
-Runs are grouped by the settings that differ between jobs (the head, the target scaling, ...);
-seeds and folds are what a group repeats over.
+Runs are grouped by the settings that differ between jobs (the head, the data set, the target
+scaling, ...); seeds and folds are what a group repeats over. MAEs are compared only where
+they share units and meaning: within one data set and target, and within one target scaling
+unless the sweep varies nothing but the scaling.
 """
 
 from __future__ import annotations
@@ -20,104 +22,69 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from omegaconf import OmegaConf
 
 from housing_reg import record
+from housing_reg.figures import (
+    HEAD_RANGES,
+    figure_rgb,  # noqa: F401 (train.py draws its TensorBoard image with these two)
+    plot_answer,
+    plot_curves,
+    plot_mae_by_head,
+    plot_pred_vs_true,
+    pred_vs_true_figure,  # noqa: F401
+    scaling_text,
+    setting_text,
+    settings_order,
+    units,
+)
 from housing_reg.record import find_jobs
+from housing_reg.stats import (  # noqa: F401 (t_quantile, t_two_sided: part of this API)
+    NO_CI,
+    Difference,
+    Estimate,
+    difference,
+    t_quantile,
+    t_two_sided,
+)
 
 METRICS = ("test/mae", "train/mae", "val/mae")
 # Config keys a job repeats over, or that do not change its numbers: never a group.
 REPEATS = {"seed", "data.seed", "data.fold", "data.replicas", "model.replicas"}
 BOOKKEEPING = ("output_dir", "threads", "callbacks.", "logger.", "trainer.default_root_dir")
+# How a job names its data: folded into the one setting "data" (the data set's name).
+DATA_NAMING = ("data.name", "data.path", "data.target_label", "data.target_unit")
 STUCK = 0.2  # a group is "stuck" when this share of its predictions sits at one value
-
-
-# -- statistics ------------------------------------------------------------------------------
-def t_two_sided(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer df: the closed form of Abramowitz & Stegun
-    26.7.3-4, exact up to rounding, so no scipy is needed for one quantile."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
-        term = total = 0.0 if df == 1 else 1.0
-        for j in range(1, (df - 1) // 2):
-            term *= c2 * (2 * j) / (2 * j + 1)
-            total += term
-        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-    term = total = 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
-    for j in range(1, df // 2):
-        term *= c2 * (2 * j - 1) / (2 * j)
-        total += term
-    return math.sin(theta) * total
-
-
-def t_quantile(confidence: float, df: int) -> float:
-    """The t with P(|T| <= t) = confidence (1.96 as df grows), by bisection."""
-    lo, hi = 0.0, 1.0
-    while t_two_sided(hi, df) < confidence:
-        hi *= 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_two_sided(mid, df) < confidence else (lo, mid)
-    return (lo + hi) / 2
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Mean of n runs with its sample std and the half-width of its 95% Student-t CI."""
-
-    n: int
-    mean: float
-    std: float
-    half: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Estimate:
-        a = np.asarray(values, dtype=float)
-        if len(a) < 2:
-            return cls(len(a), float(a.mean()) if len(a) else math.nan, math.nan, math.nan)
-        std = float(a.std(ddof=1))
-        return cls(len(a), float(a.mean()), std, t_quantile(0.95, len(a) - 1) * std / len(a) ** 0.5)
-
-    def __str__(self) -> str:
-        return f"{self.mean:.2f}" if math.isnan(self.half) else f"{self.mean:.2f} ± {self.half:.2f}"
-
-
-@dataclass(frozen=True)
-class Difference:
-    """Mean test MAE of b minus a, with the half-width of its 95% CI."""
-
-    mean: float
-    half: float
-    how: str
-    pairs: int = 0  # runs compared one to one (0: unpaired)
-    largest: float = math.nan  # paired only: the largest gap in any single run
-
-
-def difference(a: Group, b: Group) -> Difference:
-    """Paired over (fold, seed) when both groups ran the same ones (the same seed gives the
-    same initial weights and batch order, so only the head differs); else Welch's interval
-    with its degrees of freedom rounded down, which is conservative."""
-    ta, tb = a.by_run("test/mae"), b.by_run("test/mae")
-    if ta.keys() == tb.keys() and len(ta) >= 2:
-        gaps = [tb[k] - ta[k] for k in ta]
-        e = Estimate.of(gaps)
-        return Difference(e.mean, e.half, f"paired over {e.n} runs", e.n, max(map(abs, gaps)))
-    ea, eb = Estimate.of(list(ta.values())), Estimate.of(list(tb.values()))
-    if ea.n < 2 or eb.n < 2:
-        return Difference(eb.mean - ea.mean, math.nan, "too few runs for a CI")
-    va, vb = ea.std**2 / ea.n, eb.std**2 / eb.n
-    if va + vb == 0:
-        return Difference(eb.mean - ea.mean, 0.0, "unpaired, no spread at all")
-    df = (va + vb) ** 2 / (va**2 / (ea.n - 1) + vb**2 / (eb.n - 1))
-    half = t_quantile(0.95, max(1, math.floor(df))) * math.sqrt(va + vb)
-    return Difference(eb.mean - ea.mean, half, f"unpaired (Welch), {ea.n} and {eb.n} runs")
+FIGURES = ("answer.png", "mae_by_head.png", "pred_vs_true.png", "curves.png")
+MORE_SEEDS = "run more seeds (seed='range(10)' or model.replicas=10)"
 
 
 # -- reading job directories -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """What a job's metrics.json says about its data and target. Jobs from before these were
+    recorded get the data set from their config, no unit and generic words."""
+
+    dataset: str
+    name: str  # display name, e.g. MEDV
+    unit: str = ""  # e.g. $1000s; "" when there is none (or it was not recorded)
+    recorded: bool = False
+
+    @property
+    def noun(self) -> str:
+        """What one target is: "price" on Boston housing, "value" on anything else."""
+        return "price" if self.recorded and self.dataset == "boston" else "value"
+
+    @property
+    def item(self) -> str:
+        """What one row is: "house" on Boston housing, "row" on anything else."""
+        return "house" if self.recorded and self.dataset == "boston" else "row"
+
+    @property
+    def units(self) -> str:
+        return units(self.unit)
+
+
 @dataclass(eq=False)
 class Run:
     """One trained model: a replica of one job."""
@@ -129,6 +96,8 @@ class Run:
     curves: dict[str, list[float]]  # metric -> value per epoch
     y_true: np.ndarray
     y_pred: np.ndarray
+    scaler: tuple[float, float] | None = None  # (shift, scale): scaled t means t*scale + shift
+    train: dict[str, Any] | None = None  # metrics.json's train_targets (histogram, mean, ...)
     duplicate: bool = False  # the same fold and seed already came from another job
 
 
@@ -139,6 +108,7 @@ class Job:
     reason: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
+    target: Target | None = None
 
 
 def read_job(path: Path, root: Path) -> Job:
@@ -152,6 +122,10 @@ def read_job(path: Path, root: Path) -> Job:
         if not config_file.exists():
             return Job(path, "broken", "no .hydra/config.yaml to say what ran")
         config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        m = job.metrics
+        target = target_of(m, config)
+        settings = settings_of(config, target.dataset)
+        scaler, train = scaler_of(m, settings["scaling"]), m.get("train_targets")
         y_true = read_truth(path / "predictions.csv")
         runs = [
             Run(
@@ -162,6 +136,8 @@ def read_job(path: Path, root: Path) -> Job:
                 curves=rep["curves"],
                 y_true=y_true,
                 y_pred=rep["test_pred"].astype(float),
+                scaler=scaler,
+                train=train,
             )
             for rep in job.replicas()
         ]
@@ -169,7 +145,27 @@ def read_job(path: Path, root: Path) -> Job:
         return Job(path, "broken", f"missing {Path(e.filename).name}")
     except Exception as e:  # whatever is wrong with one job is reported, never fatal
         return Job(path, "broken", f"unreadable ({type(e).__name__}: {e})".replace("\n", " "))
-    return Job(path, "ok", settings=settings_of(config), runs=runs)
+    return Job(path, "ok", settings=settings, runs=runs, target=target)
+
+
+def target_of(metrics: dict[str, Any], config: dict[str, Any]) -> Target:
+    """The job's data set and target as it recorded them, else what its config implies."""
+    data = config.get("data") or {}
+    if "dataset" in metrics and isinstance(metrics.get("target"), dict):
+        t = metrics["target"]
+        name, unit = str(t.get("name") or data.get("target") or "target"), str(t.get("unit") or "")
+        return Target(str(metrics["dataset"]), name, unit, recorded=True)
+    path = data.get("path")
+    dataset = Path(str(path)).stem if path else str(data.get("name") or "boston")
+    return Target(dataset, str(data.get("target_label") or data.get("target") or "target"))
+
+
+def scaler_of(metrics: dict[str, Any], scaling: str) -> tuple[float, float] | None:
+    """(shift, scale) mapping the head's output into target units; None when unknown."""
+    rec = (metrics.get("train_targets") or {}).get("scaler")
+    if rec:
+        return float(rec["shift"]), float(rec["scale"])
+    return (0.0, 1.0) if scaling == "none" else None
 
 
 def read_truth(path: Path) -> np.ndarray:
@@ -181,14 +177,19 @@ def read_truth(path: Path) -> np.ndarray:
     return np.array([float(r["y_true"]) for r in rows])
 
 
-def settings_of(config: dict[str, Any]) -> dict[str, Any]:
-    """Flat config minus what a job repeats over; target scaling and range become one label."""
+def settings_of(config: dict[str, Any], dataset: str = "boston") -> dict[str, Any]:
+    """Flat config minus what a job repeats over; the data set's name becomes "data", target
+    scaling and range one label, "scaling"."""
     flat = _flatten(config)
     s = {
         k: v
         for k, v in flat.items()
-        if k not in REPEATS and not k.startswith(BOOKKEEPING) and k != "head.activation._target_"
+        if k not in REPEATS
+        and k not in DATA_NAMING
+        and not k.startswith(BOOKKEEPING)
+        and k != "head.activation._target_"
     }
+    s["data"] = dataset
     kind, rng = s.pop("data.target_scaling", "none"), s.pop("data.target_range", "[0, 1]")
     s["scaling"] = (
         f"minmax[{','.join(f'{v:g}' for v in json.loads(rng))}]" if kind == "minmax" else kind
@@ -206,28 +207,69 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """What a table calls each setting: head.name -> head, optim.lr -> lr, optim._target_ ->
+    optim; the full key where two short names would collide."""
+
+    def short(k: str) -> str:
+        if k == "head.name":
+            return "head"
+        if k.endswith("._target_"):
+            return k.rsplit(".", 2)[-2]
+        return k.rsplit(".", 1)[-1]
+
+    names = [short(k) for k in keys]
+    return {k: n if names.count(n) == 1 else k for k, n in zip(keys, names, strict=True)}
+
+
+def shown_value(key: str, value: Any) -> str:
+    return str(value).rsplit(".", 1)[-1] if key.endswith("._target_") else str(value)
+
+
 # -- grouping ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pin:
+    """A share of test predictions sitting at one value (in target units), and what it is."""
+
+    share: float
+    value: float
+    bound: str = ""  # e.g. "sigmoid's upper bound"; "" when not a known bound of the head
+
+
 @dataclass(eq=False)
 class Group:
     """All runs of one setting, e.g. head=sigmoid with minmax[0,1] targets."""
 
     head: str
-    rest: tuple[tuple[str, str], ...]  # (key, value) of the other settings that vary, if any
+    rest: tuple[tuple[str, str], ...]  # (short name, value) of the other settings that vary
     runs: list[Run]
+    target: Target
+    scaling: str = "none"
     order: int = 0  # where its first job came in the directory: ties sort in sweep order
     duplicates: int = 0  # runs seen twice (same fold and seed) and counted once
 
     @property
     def setting(self) -> str:
         """The non-head part of the label, e.g. "minmax[0,1] targets"."""
-        return ", ".join(
-            ("raw" if v == "none" else v) + " targets" if k == "scaling" else f"{k}={v}"
-            for k, v in self.rest
-        )
+        return setting_text(self.rest)
 
     @property
     def label(self) -> str:
-        return f"{self.head} ({self.setting})" if self.rest else self.head
+        return self.label_without(())
+
+    def label_without(self, drop: Sequence[str]) -> str:
+        """The label less the settings every group it is compared with shares."""
+        rest = self.rest_without(drop)
+        return f"{self.head} ({setting_text(rest)})" if rest else self.head
+
+    def rest_without(self, drop: Sequence[str]) -> tuple[tuple[str, str], ...]:
+        return tuple((k, v) for k, v in self.rest if k not in drop)
+
+    def scaling_rest(self) -> tuple[tuple[str, str], ...]:
+        return tuple((k, v) for k, v in self.rest if k == "scaling")
+
+    def scaling_text(self) -> str:
+        return scaling_text(self.scaling)
 
     def by_run(self, metric: str) -> dict[tuple[int | None, int], float]:
         return {(r.fold, r.seed): r.metrics[metric] for r in self.runs if metric in r.metrics}
@@ -236,37 +278,102 @@ class Group:
         return Estimate.of(list(self.by_run(metric).values()))
 
     def constant_runs(self) -> int:
-        """Runs that predict one price for every test house (a saturated or dead output)."""
+        """Runs that predict one value for every test row (a saturated or dead output)."""
         return sum(bool(np.ptp(r.y_pred) <= 1e-3 * (np.ptp(r.y_true) or 1.0)) for r in self.runs)
 
-    def stuck(self) -> tuple[float, float]:
-        """Share of test predictions at the runs' lowest (or highest) value, and that value:
-        a head pinned at its bound predicts one price for many houses."""
-        best = (0.0, math.nan)
+    def output_range(self) -> tuple[float | None, float | None] | None:
+        """The head's output range in target units (its first run's scaler), None if unknown;
+        None inside the pair: unbounded on that side."""
+        base = HEAD_RANGES.get(self.head)
+        scaler = self.runs[0].scaler if self.runs else None
+        if base is None or scaler is None:
+            return None
+        shift, scale = scaler
+        return tuple(None if b is None else b * scale + shift for b in base)  # type: ignore
+
+    def pinned(self) -> Pin:
+        """The largest share of test predictions at one value: at one of the head's bounds
+        (mapped into target units run by run) when it has any, else at the runs' lowest or
+        highest prediction."""
+        pins = []
+        bounds = HEAD_RANGES.get(self.head, (None, None))
+        for side, b in zip(("lower", "upper"), bounds, strict=True):
+            if b is None or any(r.scaler is None for r in self.runs):
+                continue
+            values = [b * r.scaler[1] + r.scaler[0] for r in self.runs]  # type: ignore[index]
+            share = np.mean([_share_at(r, v) for r, v in zip(self.runs, values, strict=True)])
+            scaled = "" if self.scaling == "none" else f" {b:g} on {self.scaling} targets"
+            bound = f"{self.head}'s {side} bound{scaled}"
+            pins.append((float(share), 1, Pin(float(share), float(np.median(values)), bound)))
         for side in (np.min, np.max):
             values = [float(side(r.y_pred)) for r in self.runs]
-            shares = [
-                np.mean(np.abs(r.y_pred - v) <= 1e-3 * (np.ptp(r.y_true) or 1.0))
-                for r, v in zip(self.runs, values, strict=True)
-            ]
-            best = max(best, (float(np.mean(shares)), float(np.median(values))))
-        return best
+            share = np.mean([_share_at(r, v) for r, v in zip(self.runs, values, strict=True)])
+            pins.append((float(share), 0, Pin(float(share), float(np.median(values)))))
+        return max(pins, key=lambda p: p[:2])[2]
 
 
-def group_runs(jobs: list[Job]) -> tuple[list[Group], list[str], dict[str, Any]]:
-    """Groups sorted best first, the names of the varying settings, and the common ones."""
+def _share_at(run: Run, value: float) -> float:
+    return float(np.mean(np.abs(run.y_pred - value) <= 1e-3 * (np.ptp(run.y_true) or 1.0)))
+
+
+@dataclass
+class Sweep:
+    """Groups sorted by data set, then best first; the settings that vary, and the rest."""
+
+    groups: list[Group]
+    shown: list[str]  # varying settings other than the head, as config keys
+    names: dict[str, str]  # their short names
+    common: dict[str, Any]  # settings every job shares
+    varying: list[str]
+
+    def blocks(self) -> list[tuple[tuple[tuple[str, str], ...], list[Group]]]:
+        """Groups whose test MAEs may be compared, with the settings they share: the same data
+        set and target always (different units and meaning otherwise); the same target scaling
+        too, unless the sweep varies nothing but data and scaling (then scalings are what it
+        compares)."""
+        keep = ["data", "data.target"]
+        if any(k not in ("data", "data.target", "scaling") for k in self.varying):
+            keep.append("scaling")
+        keys = [self.names[k] for k in keep if k in self.shown]
+        out: dict[tuple, list[Group]] = {}
+        for g in self.groups:
+            key = tuple((k, v) for k, v in g.rest if k in keys)
+            out.setdefault(key, []).append(g)
+        data = list(dict.fromkeys(g.target.dataset for g in self.groups))
+        rank = {"none": 0, "standard": 1}  # unscaled targets first, as in the figures
+        return sorted(
+            out.items(),
+            key=lambda kv: (
+                data.index(kv[1][0].target.dataset),
+                [rank.get(v, 2) for k, v in kv[0] if k == "scaling"],
+                min(g.order for g in kv[1]),
+            ),
+        )
+
+
+def group_runs(jobs: list[Job]) -> Sweep:
+    """Runs grouped by the settings that vary between jobs."""
     ok = [j for j in jobs if j.status == "ok"]
     keys = sorted({k for j in ok for k in j.settings})
     varying = [k for k in keys if len({repr(j.settings.get(k)) for j in ok}) > 1]
     common = {k: ok[0].settings.get(k) for k in keys if k not in varying} if ok else {}
-    shown = ["scaling"] if "scaling" in varying else []
-    shown += [k for k in varying if k not in ("head.name", "scaling")]
+    first = [k for k in ("data", "data.target", "scaling") if k in varying]
+    if {"data", "data.target"} <= set(first) and all(  # each data set with its own target
+        len({j.settings.get("data.target") for j in ok if j.settings["data"] == d}) == 1
+        for d in {j.settings["data"] for j in ok}
+    ):
+        first.remove("data.target")  # shown as the data set
+    hidden = ("head.name", "data", "data.target", "scaling")
+    shown = first + [k for k in varying if k not in hidden]
+    names = short_names(shown)
     groups: dict[tuple, Group] = {}
     for j in ok:
         key = tuple(repr(j.settings.get(k)) for k in varying)
-        rest = tuple((k, str(j.settings.get(k))) for k in shown)
+        rest = tuple((names[k], shown_value(k, j.settings.get(k))) for k in shown)
         head = str(j.settings.get("head.name", "?"))
-        g = groups.setdefault(key, Group(head, rest, [], order=len(groups)))
+        g = groups.setdefault(
+            key, Group(head, rest, [], j.target, j.settings["scaling"], order=len(groups))
+        )
         seen = {(r.fold, r.seed) for r in g.runs}
         for run in j.runs:
             if (run.fold, run.seed) in seen:
@@ -275,25 +382,36 @@ def group_runs(jobs: list[Job]) -> tuple[list[Group], list[str], dict[str, Any]]
             else:
                 g.runs.append(run)
                 seen.add((run.fold, run.seed))
-    ordered = sorted(groups.values(), key=lambda g: g.estimate("test/mae").mean)
-    return ordered, shown, common
+    data_order = {d: i for i, d in enumerate(dict.fromkeys(j.target.dataset for j in ok))}
+    ordered = sorted(
+        groups.values(),
+        key=lambda g: (data_order[g.target.dataset], g.estimate("test/mae").mean),
+    )
+    return Sweep(ordered, shown, names, common, varying)
 
 
 # -- tables and verdict --------------------------------------------------------------------------
-def summary_table(groups: list[Group], shown: list[str]) -> str:
+def summary_table(sweep: Sweep) -> str:
     """Markdown: one row per group, best test MAE first; ± is the 95% CI half-width."""
+    groups = sweep.groups
     has_val = any(g.by_run("val/mae") for g in groups)
-    head = ["head", *shown, "runs", "test MAE", "std", "95% CI", "train MAE"]
-    head += ["val MAE"] if has_val else []
+    unit = one_unit(groups)
+    head = ["head", *(sweep.names[k] for k in sweep.shown), "runs", f"test MAE{units(unit)}"]
+    head += ["std", "95% CI", "train MAE"] + (["val MAE"] if has_val else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         t = g.estimate("test/mae")
-        ci = "n/a" if math.isnan(t.half) else f"{t.mean - t.half:.2f} – {t.mean + t.half:.2f}"
-        cells = [g.head, *(v for _, v in g.rest), str(t.n), f"**{t}**", f"{t.std:.2f}", ci]
+        cells = [g.head, *(v for _, v in g.rest), str(t.n), f"**{t}**", t.std_text(), t.ci_text()]
         cells.append(str(g.estimate("train/mae")))
         cells += [str(g.estimate("val/mae"))] if has_val else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def one_unit(groups: list[Group]) -> str:
+    """The unit every group shares ("" when they differ or have none)."""
+    found = {g.target.unit for g in groups}
+    return found.pop() if len(found) == 1 else ""
 
 
 def pivot_table(groups: list[Group]) -> str:
@@ -302,7 +420,7 @@ def pivot_table(groups: list[Group]) -> str:
     heads = list(dict.fromkeys(g.head for g in groups))
     cell = {(g.head, g.rest): f"{g.estimate('test/mae')}" for g in groups}
     lines = [
-        "| head | " + " | ".join(_first(groups, r).setting for r in rests) + " |",
+        "| head | " + " | ".join(setting_text(r) for r in rests) + " |",
         "|" + "---|" * (len(rests) + 1),
     ]
     for h in heads:
@@ -310,61 +428,138 @@ def pivot_table(groups: list[Group]) -> str:
     return "\n".join(lines)
 
 
-def verdict(groups: list[Group]) -> list[str]:
-    """Plain sentences: the winner, which steps in the ranking are real, relu vs none,
-    and which heads are pinned at one value."""
-    if not groups:
-        return []
-    best = groups[0]
-    lines = [f"Best: {best.label}, test MAE {best.estimate('test/mae')} ($1000s, 95% CI)."]
-    pairs = list(zip(groups, groups[1:], strict=False))  # each step down the ranking
-    by_setting = {(g.head, g.rest): g for g in groups}
-    for g in groups:  # and relu against none under the same other settings
-        none = by_setting.get(("none", g.rest))
-        if g.head == "relu" and none:
-            pair = tuple(sorted((g, none), key=groups.index))
-            if pair not in pairs:
-                pairs.append(pair)
-    for a, b in pairs:
-        lines.append(compare(a, b))
-    for g in groups:
-        share, value = g.stuck()
-        dead = g.constant_runs()
-        every = f"{dead} of {len(g.runs)} runs predict{'s' * (dead == 1)} one price for every house"
-        if share >= STUCK:
-            lines.append(
-                f"{g.label}: {share:.0%} of test predictions sit at {value:.2f}, one price for "
-                "many houses: the head's output is pinned at its bound"
-                + (f"; {every}." if dead else ".")
-            )
-        elif dead:
-            lines.append(f"{g.label}: {every} (its output unit stopped learning).")
+def verdict(sweep: Sweep) -> list[str]:
+    """Markdown bullets: per block of comparable groups, the best setting (or why there is
+    none), which steps in the ranking are real, relu vs none, and which heads sit at a bound."""
+    blocks = sweep.blocks()
+    lines = []
+    for shared, block in blocks:
+        drop = [k for k, _ in shared]
+        body = block_verdict(sorted(block, key=lambda g: g.estimate("test/mae").mean), drop)
+        if len(blocks) > 1:
+            t = block[0].target
+            about = (t.name + (f", {t.unit}" if t.unit else "")) if "data" in drop else ""
+            lines.append(f"- **{setting_text(shared)}**" + (f" ({about})" if about else "") + ":")
+            lines += [f"  - {line}" for line in body]
+        else:
+            lines += [f"- {line}" for line in body]
     return lines
 
 
-def compare(a: Group, b: Group) -> str:
+def block_verdict(ranked: list[Group], drop: Sequence[str]) -> list[str]:
+    lines = [headline(ranked, drop)] if len(ranked) > 1 else []
+    pairs = list(zip(ranked, ranked[1:], strict=False))  # each step down the ranking
+    by_setting = {(g.head, g.rest): g for g in ranked}
+    for g in ranked:  # and relu against none under the same other settings
+        none = by_setting.get(("none", g.rest))
+        if g.head == "relu" and none:
+            pair = tuple(sorted((g, none), key=ranked.index))
+            if pair not in pairs:
+                pairs.append(pair)
+    if lines and lines[0].startswith("Best:"):  # the headline already gives that step
+        pairs = pairs[1:]
+    lines += [compare(a, b, drop) for a, b in pairs]
+    lines += [line for g in ranked if (line := pin_line(g, drop))]
+    return lines
+
+
+def headline(ranked: list[Group], drop: Sequence[str]) -> str:
+    """The best setting, named only when it is clearly ahead of every other; else who ties
+    with it and why."""
+    what = "head" if all(not g.rest_without(drop) for g in ranked) else "setting"
+    best, unit = ranked[0], ranked[0].target.unit
+    label = best.label_without(drop)
+    if all(g.estimate("test/mae").n < 2 for g in ranked):
+        same = [g.label_without(drop) for g in ranked[1:] if _diff(best, g).identical]
+        tie = f" {_join([label, *same])} tie: identical in every run." if same else ""
+        return f"No best {what}: one run per {what}, so no confidence interval; {MORE_SEEDS}.{tie}"
+    tied = [(g, d) for g in ranked[1:] if (d := _diff(best, g)).kind != "clear"]
+    if not tied:
+        d = _diff(best, ranked[1])
+        return (
+            f"Best: {label}, test MAE {best.estimate('test/mae')} "
+            f"({unit + ', ' if unit else ''}95% CI); clearly ahead of "
+            f"{ranked[1].label_without(drop)} by {d.mean:.2f} "
+            f"(95% CI {d.mean - d.half:.2f} to {d.mean + d.half:.2f}, {d.how})."
+        )
+    why = []
+    for g, d in tied:
+        other = g.label_without(drop)
+        if d.identical:
+            why.append(f"{other} identical to {label} in every run")
+        elif d.kind == "no CI":
+            why.append(f"{other}: one run only, no confidence interval; {MORE_SEEDS}")
+        else:
+            why.append(
+                f"{other} within noise of {label} (95% CI of the difference "
+                f"{d.mean - d.half:.3f} to {d.mean + d.half:.3f} includes 0)"
+            )
+    names = _join([label, *(g.label_without(drop) for g, _ in tied)])
+    return f"No best {what}: {names} tie for the lowest test MAE: {'; '.join(why)}."
+
+
+def _diff(a: Group, b: Group) -> Difference:
+    return difference(a.by_run("test/mae"), b.by_run("test/mae"))
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def compare(a: Group, b: Group, drop: Sequence[str] = ()) -> str:
     """One sentence on b versus the better-ranked a."""
-    d = difference(a, b)
+    d = _diff(a, b)
+    la, lb = a.label_without(drop), b.label_without(drop)
     ratio = b.estimate("test/mae").mean / a.estimate("test/mae").mean
-    name = f"{a.label} vs {b.label}"
-    if math.isnan(d.half):
-        return f"{name}: {b.label} worse by {d.mean:.3f}; {d.how}."
-    if d.largest == 0:
-        return f"{name}: identical test MAE in each of the {d.pairs} paired runs."
+    if d.identical:
+        return f"{la} and {lb} tie: identical test MAE in every run ({d.how})."
+    if d.kind == "no CI":
+        each = "one run each" if d.pairs == 1 else d.how
+        return f"{la} vs {lb}: {lb} higher by {_num(d.mean)} ({each}; no confidence interval)."
     ci = f"95% CI {d.mean - d.half:.3f} to {d.mean + d.half:.3f}, {d.how}"
-    if d.mean - d.half > 0:
+    if d.kind == "clear":
         times = f", {ratio:.1f}x the error" if ratio >= 1.5 else ""
-        return f"{name}: clear difference, {b.label} worse by {d.mean:.2f}{times} ({ci})."
+        return f"{la} vs {lb}: clear difference, {lb} worse by {d.mean:.2f}{times} ({ci})."
     largest = "" if math.isnan(d.largest) else f"; largest gap in any one run {d.largest:.3f}"
     ta, tb = (np.array(list(g.by_run("test/mae").values())) for g in (a, b))
     coin = (tb[:, None] < ta[None, :]).mean()  # one run of each, as a single comparison does
     return (
-        f"{name}: within noise, difference {d.mean:.3f} ({ci}, includes 0{largest}); "
-        f"one run of each, {b.label} wins {coin:.0%} of the pairings."
+        f"{la} and {lb} tie within noise: difference {d.mean:.3f} ({ci}, includes 0{largest}); "
+        f"one run of each, {lb} wins {coin:.0%} of the pairings."
     )
 
 
-def summary_rows(jobs: list[Job], root: Path, shown: list[str]) -> list[dict[str, Any]]:
+def _num(x: float) -> str:
+    return f"{x:.3f}" if abs(x) < 0.1 else f"{x:.2f}"
+
+
+def pin_line(g: Group, drop: Sequence[str] = ()) -> str | None:
+    """A head pinned at one value (its bound, when known), or runs that predict one value for
+    every row; None when neither."""
+    t, label = g.target, g.label_without(drop)
+    dead = g.constant_runs()
+    every = (
+        f"{dead} of {len(g.runs)} runs predict{'s' * (dead == 1)} one {t.noun} for every {t.item}"
+    )
+    pin = g.pinned()
+    if pin.share >= STUCK:
+        at = (
+            "every test prediction sits at"
+            if pin.share > 0.9995
+            else f"{pin.share:.0%} of test predictions sit at"
+        )
+        mean = float(np.mean([r.y_true.mean() for r in g.runs]))
+        gap = f"{abs(mean - pin.value):.2f} {'below' if pin.value < mean else 'above'}"
+        where = f"{pin.value:.2f}" + (f" ({pin.bound})" if pin.bound else "")
+        return f"{label}: {at} {where}, {gap} the mean test target {mean:.2f}{t.units}" + (
+            f"; {every}." if dead else "."
+        )
+    if dead:
+        return f"{label}: {every} (its output unit stopped learning)."
+    return None
+
+
+def summary_rows(jobs: list[Job], root: Path, sweep: Sweep) -> list[dict[str, Any]]:
     """summary.csv: one row per run; jobs without runs get one row saying why."""
     rows = []
     for j in jobs:
@@ -373,7 +568,7 @@ def summary_rows(jobs: list[Job], root: Path, shown: list[str]) -> list[dict[str
             "status": j.status,
             "head": j.settings.get("head.name", ""),
         }
-        base |= {k: j.settings.get(k, "") for k in shown}
+        base |= {sweep.names[k]: shown_value(k, j.settings.get(k, "")) for k in sweep.shown}
         if not j.runs:
             rows.append(base | {"error": j.reason})
         for r in j.runs:
@@ -387,193 +582,26 @@ def summary_rows(jobs: list[Job], root: Path, shown: list[str]) -> list[dict[str
     return rows
 
 
-# -- figures -------------------------------------------------------------------------------------
-def settings_order(groups: list[Group]) -> list[tuple]:
-    """Non-head settings in reading order: raw targets, standard, then the rest as swept."""
-    rank = {"none": 0, "standard": 1}
-    first = {}
+def data_line(groups: list[Group]) -> str:
+    """Data: boston, target MEDV ($1000s), 102 test rows; diabetes, ..."""
+    seen: dict[str, Group] = {}
     for g in sorted(groups, key=lambda g: g.order):
-        first.setdefault(g.rest, g.order)
-    return sorted(first, key=lambda rest: ([rank.get(v, 2) for _, v in rest], first[rest]))
+        seen.setdefault(g.target.dataset, g)
+    parts = []
+    for name, g in seen.items():
+        t = g.target
+        unit = t.unit if t.unit else "no unit" if t.recorded else "unit not recorded"
+        parts.append(f"{name}, target {t.name} ({unit}), {len(g.runs[0].y_true)} test rows")
+    return "Data: " + "; ".join(parts) + "."
 
 
-def head_colors(groups: list[Group]) -> dict[str, str]:
-    heads = list(dict.fromkeys(g.head for g in groups))
-    return {h: f"C{i % 10}" for i, h in enumerate(heads)}
-
-
-def needs_log(values: Sequence[float]) -> bool:
-    """A log axis when the largest value is over 5 times the smallest."""
-    v = [x for x in values if x > 0 and math.isfinite(x)]
-    return bool(v) and max(v) / min(v) > 5
-
-
-def log_y(ax) -> None:
-    """Log scale with plain ticks at 1, 2, 3, 5, 10, 20, ..."""
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def plot_mae_by_head(groups: list[Group], path: Path) -> None:
-    """Test MAE per head: every run as a faint dot, the mean with its 95% CI as a bar."""
-    heads = list(dict.fromkeys(g.head for g in groups))
-    rests = settings_order(groups)
-    fig = Figure(figsize=(max(5.0, 1.1 * len(heads) * max(1, len(rests)) ** 0.5 + 2), 4))
-    ax = fig.subplots()
-    width = 0.8 / len(rests)
-    rng = np.random.default_rng(0)
-    for k, rest in enumerate(rests):
-        color = f"C{k % 10}"
-        for g in (g for g in groups if g.rest == rest):
-            x = heads.index(g.head) - 0.4 + width * (k + 0.5)
-            vals = list(g.by_run("test/mae").values())
-            ax.scatter(
-                x + rng.uniform(-width / 4, width / 4, len(vals)),
-                vals,
-                s=6,
-                color=color,
-                alpha=0.25,
-                linewidths=0,
-            )
-            e = g.estimate("test/mae")
-            ax.errorbar(
-                x,
-                e.mean,
-                yerr=0 if math.isnan(e.half) else e.half,
-                fmt="o",
-                color=color,
-                capsize=4,
-                ms=5,
-                label=g.setting if g is _first(groups, rest) else None,
-            )
-    ax.set_xticks(range(len(heads)), heads)
-    ax.set_xlabel("output head")
-    ax.set_ylabel("test MAE ($1000s)")
-    if needs_log([g.estimate("test/mae").mean for g in groups]):
-        log_y(ax)
-    ax.set_title("Test MAE per head: runs (dots), mean and 95% CI (bars)")
-    if rests != [()]:
-        ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, pil_kwargs={"optimize": True})
-
-
-def _first(groups: list[Group], rest: tuple) -> Group:
-    return next(g for g in groups if g.rest == rest)
-
-
-def draw_pred_vs_true(ax, y_true: np.ndarray, y_pred: np.ndarray, title: str, color="C0") -> None:
-    """Predictions of one or more runs (rows of y_pred) against the true prices."""
-    y_pred = np.atleast_2d(y_pred)
-    x = np.broadcast_to(y_true, y_pred.shape)  # one test set for all runs, or one per run
-    ax.scatter(
-        x.ravel(),
-        y_pred.ravel(),
-        s=4,
-        alpha=max(0.05, 1 / len(y_pred) ** 0.5),
-        color=color,
-        linewidths=0,
-    )
-    lo, hi = min(y_true.min(), 0.0), y_true.max()
-    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--")
-    ax.set_title(title, fontsize=9)
-
-
-def pred_vs_true_figure(y_true, y_pred, title: str) -> Figure:
-    """One job's test predictions; train.py logs it to TensorBoard's Images tab."""
-    fig = Figure(figsize=(3.6, 3.4))
-    ax = fig.subplots()
-    draw_pred_vs_true(ax, np.asarray(y_true), np.asarray(y_pred), title)
-    ax.set_xlabel("true price ($1000s)")
-    ax.set_ylabel("predicted")
-    fig.tight_layout()
-    return fig
-
-
-def figure_rgb(fig: Figure) -> np.ndarray:
-    """(H, W, 3) uint8 pixels of a figure, without pyplot's global state."""
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def plot_pred_vs_true(groups: list[Group], path: Path, max_runs: int = 20) -> None:
-    """One panel per head (rows: the other settings); a flat line is a head at its bound."""
-    heads = list(dict.fromkeys(g.head for g in groups))
-    rests = settings_order(groups)
-    colors = head_colors(groups)
-    fig = Figure(figsize=(2.3 * len(heads) + 0.6, 2.3 * len(rests) + 0.6))
-    axes = np.atleast_2d(
-        fig.subplots(len(rests), len(heads), sharex=True, sharey=True, squeeze=False)
-    )
-    for g in groups:
-        ax = axes[rests.index(g.rest), heads.index(g.head)]
-        runs = g.runs[:max_runs]  # enough to show the pattern, few enough to draw quickly
-        title = f"{g.label}\nMAE {g.estimate('test/mae').mean:.2f}"
-        y_true, y_pred = (np.stack([getattr(r, a) for r in runs]) for a in ("y_true", "y_pred"))
-        draw_pred_vs_true(ax, y_true, y_pred, title, colors[g.head])
-        share, value = g.stuck()
-        if share >= STUCK:
-            ax.text(
-                0.04,
-                0.96,
-                f"{share:.0%} at {value:.2f}",
-                transform=ax.transAxes,
-                va="top",
-                fontsize=8,
-            )
-    for ax in axes.ravel():
-        if not ax.has_data():
-            ax.set_axis_off()
-    for ax in axes[-1]:
-        ax.set_xlabel("true price ($1000s)")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("predicted")
-    fig.suptitle("Test predictions vs true prices (dashed: perfect)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
-
-
-def plot_curves(groups: list[Group], path: Path) -> None:
-    """MAE per epoch, mean over runs with a ±1 std band: a panel per metric and setting."""
-    metrics = [
-        m for m in ("train/mae", "val/mae") if any(r.curves.get(m) for g in groups for r in g.runs)
-    ]
-    rests = settings_order(groups)
-    grid = [(m, rest) for m in metrics for rest in rests]
-    rows, cols = (1, len(metrics)) if len(rests) == 1 else (len(metrics), len(rests))
-    colors = head_colors(groups)
-    styles = {h: ("-", "--", ":", "-.")[i % 4] for i, h in enumerate(colors)}  # shows overlaps
-    fig = Figure(figsize=(3.6 * cols + 0.4, 2.8 * rows + 0.6))
-    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).ravel()
-    for ax, (metric, rest) in zip(axes, grid, strict=True):
-        for g in (g for g in groups if g.rest == rest):
-            curves = [r.curves[metric] for r in g.runs if r.curves.get(metric)]
-            if not curves:
-                continue
-            by_epoch = [[c[e] for c in curves if len(c) > e] for e in range(max(map(len, curves)))]
-            mean = np.array([np.mean(v) for v in by_epoch])
-            std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_epoch])
-            epochs = np.arange(1, len(mean) + 1)
-            color = colors[g.head]
-            ax.plot(epochs, mean, color=color, ls=styles[g.head], label=g.head, lw=1.5)
-            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, lw=0)
-        setting = f" ({_first(groups, rest).setting})" if rest else ""
-        ax.set_title(metric + setting, fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    for ax in axes[-cols:]:
-        ax.set_xlabel("epoch")
-    for ax in axes[::cols]:
-        ax.set_ylabel("MAE ($1000s)")
-    if needs_log([y for ax in axes for line in ax.get_lines() for y in line.get_ydata()]):
-        log_y(axes[0])  # shared: one call sets every panel
-    axes[cols - 1].legend(fontsize=8)
-    fig.suptitle("MAE per epoch: mean over runs, band ±1 std", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
+def mae_units(groups: list[Group]) -> str:
+    if len({g.target.dataset for g in groups}) > 1:
+        return "each data set's own target units"
+    t = groups[0].target
+    if t.unit:
+        return t.unit
+    return f"units of {t.name}" + (" (no unit)" if t.recorded else "")
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -582,7 +610,7 @@ class ReportError(ValueError):
 
 
 def report(root: Path, out: Path | None = None) -> tuple[str, int]:
-    """Read root; write summary.csv, summary.md and (given runs) three figures into out.
+    """Read root; write summary.csv, summary.md and (given runs) the figures into out.
 
     Returns the markdown summary and the number of runs it covers.
     """
@@ -593,9 +621,10 @@ def report(root: Path, out: Path | None = None) -> tuple[str, int]:
             f"{root}: no job directories found (none holds .hydra/); "
             "pass a sweep directory such as multirun/2024-01-01/12-00-00"
         )
-    groups, shown, common = group_runs(jobs)
+    sweep = group_runs(jobs)
+    groups = sweep.groups
     out.mkdir(parents=True, exist_ok=True)
-    rows = summary_rows(jobs, root, shown)
+    rows = summary_rows(jobs, root, sweep)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
@@ -611,26 +640,32 @@ def report(root: Path, out: Path | None = None) -> tuple[str, int]:
     dupes = sum(g.duplicates for g in groups)
     if dupes:
         text.append(f"{dupes} duplicate run(s) (same fold and seed twice) counted once.")
-    names = ("scaling", "trainer.max_epochs", "optim.lr", "data.batch_size", "data.num_folds")
-    settings = ", ".join(f"{k}={common[k]}" for k in names if k in common)
+    if groups:
+        text.append(data_line(groups))
+    common = sweep.common
+    keys = ("scaling", "trainer.max_epochs", "optim.lr", "data.batch_size", "data.num_folds")
+    names = short_names([k for k in keys if k in common])
+    settings = ", ".join(f"{names[k]}={common[k]}" for k in keys if k in common)
     if settings:
         text.append(f"Common settings: {settings}.")
     if groups:
+        single = all(g.estimate("test/mae").n < 2 for g in groups)
         text += [
             "",
-            "MAE in $1000s: mean ± half-width of the 95% confidence interval of the mean "
-            "(Student t over runs; each seed and fold is one run).",
+            f"MAE in {mae_units(groups)}: mean ± half-width of the 95% confidence interval of "
+            f"the mean (Student t over runs; each seed and fold is one run); {NO_CI} where one "
+            "run gives no interval.",
             "",
-            summary_table(groups, shown),
+            summary_table(sweep),
             "",
         ]
-        if len(shown) == 1:
-            text += [f"Test MAE by head and {shown[0]}:", "", pivot_table(groups), ""]
-        text += [
-            "## Verdict",
-            "",
-            *[f"- {line}" for line in verdict(groups)],
-        ]
+        if single:
+            text += [f"One run per setting: no confidence interval; {MORE_SEEDS}.", ""]
+        if len(sweep.shown) == 1:
+            name = sweep.names[sweep.shown[0]]
+            text += [f"Test MAE by head and {name}:", "", pivot_table(groups), ""]
+        text += ["## Verdict", "", *verdict(sweep)]
+        plot_answer(groups, out / "answer.png")
         plot_mae_by_head(groups, out / "mae_by_head.png")
         plot_pred_vs_true(groups, out / "pred_vs_true.png")
         plot_curves(groups, out / "curves.png")
@@ -650,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m housing_reg.report",
         description="Summarize a sweep (or a directory of sweeps): summary.csv, summary.md, "
-        "mae_by_head.png, pred_vs_true.png, curves.png and a verdict.",
+        f"{', '.join(FIGURES)} and a verdict.",
     )
     p.add_argument("dir", type=Path, help="sweep directory, e.g. multirun/2024-01-01/12-00-00")
     p.add_argument("--out", type=Path, help="where to write (default: the sweep directory)")
@@ -671,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"wrote summary.csv, summary.md, mae_by_head.png, pred_vs_true.png, curves.png to {out}")
+    print(f"wrote summary.csv, summary.md, {', '.join(FIGURES)} to {out}")
     return 0
 
 
