@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from housing_reg.cli import record_failure, summarize
-from housing_reg.data import BOSTON_CSV
+from housing_reg.data import BOSTON_CSV, DataError, keras_split
 from housing_reg.evaluate import evaluate
 from housing_reg.record import RecordError, read_job, write_json
 from housing_reg.settings import ConfigError
@@ -329,3 +329,84 @@ def test_resuming_a_finished_job_changes_nothing(one_epoch_job: Path, tmp_path: 
     m = train(cfg_for(job, *overrides, "resume=true"))
     assert {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()} == before
     assert m == read_metrics(job)
+
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
+    if proc.returncode != 0:
+        pytest.skip("a full disk is simulated with a small tmpfs, which needs root to mount")
+
+
+def test_a_full_disk_fails_in_one_line_and_the_sweep_stops_with_its_summary(tmp_path: Path):
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "150k")  # room for about one job
+    try:
+        heads = "head=relu,none,sigmoid,tanh"
+        sweep = ("-m", heads, "trainer.max_epochs=2", QUIET, f"hydra.sweep.dir={disk / 's'}")
+        proc = run_cli(*sweep, cwd=tmp_path, check=False)
+        assert proc.returncode == 1
+        err = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert err[-1] == "error: stopped: OSError: [Errno 28] No space left on device"
+        assert "Traceback" not in proc.stderr
+        assert "relu " in proc.stdout and "sweep directory:" in proc.stdout  # the summary
+        jobs = job_dirs(disk / "s")
+        assert read_metrics(jobs[0])["status"] == "ok"  # the job that fit keeps its results
+        assert not list(disk.rglob("*.tmp")) and not list(disk.rglob(".*.tmp"))
+        assert not (disk / "s" / ".lock").exists()
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_a_second_live_sweep_into_the_same_directory_is_refused(tmp_path: Path):
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    (sweep_dir / ".lock").write_text(f"{os.getpid()}\n")  # a live process holds it
+    args = ("-m", "head=none", "trainer.max_epochs=1", QUIET, f"hydra.sweep.dir={sweep_dir}")
+    proc = run_cli(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: another sweep (PID {os.getpid()}) is writing to {sweep_dir}; "
+        "wait for it to finish or choose another hydra.sweep.dir"
+    )
+    assert not job_dirs(sweep_dir)
+    (sweep_dir / ".lock").write_text("999999999\n")  # its process is gone: a stale lock
+    run_cli(*args, cwd=tmp_path)
+    assert [read_metrics(j)["status"] for j in job_dirs(sweep_dir)] == ["ok"]
+    assert not (sweep_dir / ".lock").exists()
+
+
+def test_evaluate_reproduces_training_predictions_whatever_the_offsets(tmp_path: Path):
+    """A timestamp-like feature (1e9 plus small values): scaling in float32 would lose it."""
+    rng = np.random.default_rng(1)
+    n = 120
+    t = rng.normal(size=n)
+    rows = np.column_stack([1e9 + t, rng.normal(size=n), 10 + 3 * t + 0.1 * rng.normal(size=n)])
+    header = "stamp,noise,y"
+    data = tmp_path / "stamps.csv"
+    np.savetxt(data, rows, delimiter=",", header=header, comments="", fmt="%.9f")
+    job = tmp_path / "job"
+    overrides = (f"data.path={data}", "data.target=y", "data.batch_size=8", f"output_dir={job}")
+    train(cfg_for(job, *overrides, "trainer.max_epochs=3"))
+    _, test_idx = keras_split(n)
+    held_out = tmp_path / "held_out.csv"
+    np.savetxt(held_out, rows[test_idx], delimiter=",", header=header, comments="", fmt="%.9f")
+    m = evaluate(job / "checkpoints" / "last.ckpt", str(held_out), tmp_path / "eval")
+    ours = np.loadtxt(tmp_path / "eval" / "predictions.csv", delimiter=",", skiprows=1)
+    trained = np.loadtxt(job / "predictions.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(ours, trained, rtol=1e-6)
+    assert m["mae"] == pytest.approx(read_metrics(job)["test/mae"], rel=1e-6)
+    beyond = tmp_path / "beyond.csv"
+    beyond.write_text(f"{header}\n1e45,0.5,10\n")
+    with pytest.raises(DataError, match="stamp hold values that.*beyond float32's range"):
+        evaluate(job / "checkpoints" / "last.ckpt", str(beyond), tmp_path / "eval2")
+
+
+def test_metrics_json_is_strict_json(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    write_json(path, {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
+    assert json.loads(path.read_text(), parse_constant=pytest.fail) == {
+        "a": None,
+        "b": [1.0, None],
+        "c": {"d": None},
+    }

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
-from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +40,27 @@ def start(main: Callable[[], Any]) -> None:
         check_output_dirs(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    main()
+    # Hydra prints a stack trace for anything raised outside a job (a full disk while it saves
+    # a job's .hydra/ config, say); with HYDRA_FULL_ERROR it re-raises instead, and the
+    # errors are reported here, in one line, with the sweep's summary so far.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except CompactHydraException as e:  # a config error: Hydra's own short message
+        sys.exit(f"error: {' '.join(str(e).split())}")
+    except OSError as e:
+        stopped(f"{type(e).__name__}: {e}")
+
+
+def stopped(reason: str) -> None:
+    """A sweep (or run) that cannot go on: one line, and what the finished jobs say."""
+    if Sweep.active is not None:
+        unlock(Sweep.active)
+        text, failed = summarize(Sweep.active)
+        print(text)
+        if failed:
+            print(f"{len(failed)} job(s) failed: " + "; ".join(failed), file=sys.stderr)
+    sys.exit(f"error: stopped: {reason}")
 
 
 PATH_KEYS = ("ckpt_path", "data.path", "output_dir", "hydra.run.dir", "hydra.sweep.dir")
@@ -195,11 +215,14 @@ class Sweep(Callback):
     """Holds a lock on the sweep directory while jobs run, then prints what varied, each job's
     MAEs, the failures and the next command; exits 1 if any job failed."""
 
+    active: Path | None = None  # the sweep directory while its jobs run
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         lock(Path(config.hydra.sweep.dir))
+        Sweep.active = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir, Sweep.active = Path(config.hydra.sweep.dir), None
         unlock(sweep_dir)
         text, failed = summarize(sweep_dir)
         print(text)
@@ -272,6 +295,7 @@ def summarize(sweep_dir: Path) -> tuple[str, list[str]]:
             rows.append((every[-1], job.metrics))
         else:
             failed.append(f"{path.name}: {job.status}: {job.reason}")
+    every = [o for o in every if o]  # a job killed before Hydra saved its overrides says nothing
     keys = list(dict.fromkeys(k for o in every for k in o))
     varying = [k for k in keys if len({o.get(k) for o in every}) > 1] or keys[:1]
     names = short_names(varying)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from housing_reg.cli import quote_paths
-from housing_reg.data import load_csv
+from housing_reg.data import DataError, load_csv
 from housing_reg.model import Regressor, mae, mse
 from housing_reg.record import (
     JobRecorder,
@@ -49,7 +49,17 @@ def evaluate(
         name, source = "test", f"test split of {config['data']['path'] or 'the bundled data'}"
     else:
         table = load_csv(data_path, config["data"]["target"], model.hparams.features, True)
-        pred = model.predict_raw(torch.from_numpy(table.x))
+        x = model.scale_inputs(torch.from_numpy(table.x))
+        beyond = [
+            f for f, ok in zip(table.features, torch.isfinite(x).all(0), strict=True) if not ok
+        ]
+        if beyond:
+            raise DataError(
+                f"{data_path}: column(s) {', '.join(beyond)} hold values that, scaled with the "
+                "training rows' statistics, lie beyond float32's range; drop those rows"
+            )
+        with torch.no_grad():
+            pred = model.unscale(model(x)).squeeze(-1)
         true = torch.from_numpy(table.y).float()
         name, source = Path(data_path).stem, str(data_path)
 

@@ -117,10 +117,14 @@ class Regressor(L.LightningModule):
         return y * self.y_scale + self.y_shift
 
     @torch.no_grad()
+    def scale_inputs(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Raw CSV features (N, F) -> the model's float32 inputs, scaled in float64."""
+        return ((x_raw.to(self.x_shift) - self.x_shift) / self.x_scale).float()
+
+    @torch.no_grad()
     def predict_raw(self, x_raw: torch.Tensor) -> torch.Tensor:
         """Raw CSV features (N, F) -> predictions in original units, shape (R, N)."""
-        x = ((x_raw.to(self.x_shift) - self.x_shift) / self.x_scale).float()
-        return self.unscale(self(x)).squeeze(-1)
+        return self.unscale(self(self.scale_inputs(x_raw))).squeeze(-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())
