@@ -195,6 +195,10 @@ class EpochBatches:
     so blocks keep that cost off most steps (scripts/bench.py, "steps_per_block=1" row); the
     training is the same for any block size. The order for replica r in epoch e depends only
     on (seed_r, e), so a resumed run or a lone replica sees the same mini-batches.
+
+    The contract, for anyone writing a callback: on_train_batch_start/end fire once per block;
+    trainer.global_step counts optimizer steps (one per mini-batch), and TensorBoard's x-axis
+    and the progress bar (epochs) never show blocks.
     """
 
     def __init__(
