@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +44,17 @@ def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
     assert np.load(tmp_path / "many" / "replicas.npz")["test_pred"].shape == (3, 102)
 
 
-@pytest.mark.skipif(
-    not find_spec("hydra_plugins.hydra_joblib_launcher"), reason="needs the joblib extra"
-)
-def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path: Path):
-    proc = run_cli("-m", "hydra/launcher=parallel", "head=none,sigmoid", *FAST, cwd=tmp_path)
-    assert "Joblib.Parallel(n_jobs=" in proc.stderr + proc.stdout
-    jobs = job_dirs(tmp_path / "multirun")
-    assert [read_metrics(j)["head"] for j in jobs] == ["none", "sigmoid"]
+def test_parallel_launcher_runs_jobs_in_forked_processes(tmp_path: Path):
+    """Each job in a child forked from the sweep's process: same numbers as the basic one."""
+    args = ("-m", "head=none,sigmoid", *FAST)
+    proc = run_cli(*args, "hydra/launcher=parallel", "hydra.sweep.dir=par", cwd=tmp_path)
+    assert "Launching 2 jobs, 2 at a time in forked processes" in proc.stderr + proc.stdout
+    run_cli(*args, "hydra.sweep.dir=seq", cwd=tmp_path)
+    par, seq = (job_dirs(tmp_path / d) for d in ("par", "seq"))
+    assert [read_metrics(j)["head"] for j in par] == ["none", "sigmoid"]
+    for a, b in zip(par, seq, strict=True):
+        assert replicas(a) == replicas(b)
+        assert read_metrics(a)["history"] == read_metrics(b)["history"]
 
 
 def test_blocks_train_exactly_like_single_steps(make_cfg, tmp_path: Path):

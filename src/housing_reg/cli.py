@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
+from hydra.core.plugins import Plugins
 from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from housing_reg.record import find_jobs, read_job, write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
+from hydra_plugins.housing_reg_launcher import ForkLauncher
 
 log = logging.getLogger("housing_reg")
 
@@ -35,6 +37,9 @@ class Interrupted(RuntimeError):
 def start(main: Callable[[], Any]) -> None:
     """`python -m housing_reg.train`: a one-line check of group choices, then Hydra's app."""
     sys.argv[1:] = quote_paths(sys.argv[1:])
+    # hydra/launcher=parallel's launcher; an editable install hides src/hydra_plugins from
+    # Hydra's own plugin scan, so it is registered here (a no-op when the scan found it).
+    Plugins.instance().register(ForkLauncher)
     try:
         check_choices(sys.argv[1:])
         check_output_dirs(sys.argv[1:])
