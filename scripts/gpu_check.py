@@ -28,6 +28,7 @@ import lightning
 import torch
 from hydra import compose, initialize_config_module
 
+from housing_reg.record import read_job
 from housing_reg.train import train
 
 QUIET = ["callbacks.progress_bar.refresh_rate=0"]
@@ -48,6 +49,8 @@ def run(device: str, *extra: str) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         metrics = train(cfg)
+        job = read_job(Path(out))
+        metrics["per_replica"] = job.replicas()  # seed, test/mae, curves, ... per replica
     # Where the job ran: it allocated CUDA memory or it did not.
     metrics["on_gpu"] = cuda and torch.cuda.max_memory_allocated() > before
     return metrics
@@ -73,7 +76,8 @@ def agreement(tolerance: float, gpu: bool) -> list[dict[str, Any]]:
                 max_rel_diff=rel,
                 # After one epoch the two runs have had less time to drift apart.
                 max_rel_diff_epoch1_train_mae=max_rel_diff(
-                    cpu["history"]["train/mae"][0], auto["history"]["train/mae"][0]
+                    [r["curves"]["train/mae"][0] for r in cpu["per_replica"]],
+                    [r["curves"]["train/mae"][0] for r in auto["per_replica"]],
                 ),
                 ok=auto["on_gpu"] and not cpu["on_gpu"] and rel <= tolerance,
             )
