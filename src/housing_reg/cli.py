@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -282,10 +283,17 @@ def alive(pid: int) -> bool:
 
 
 def rerun_command(config: DictConfig) -> str:
+    # The launcher and its settings too (hydra/launcher=slurm ...): the jobs run where they ran.
+    launcher = [
+        a
+        for a in config.hydra.overrides.hydra
+        if not a.startswith(("hydra.sweep.dir=", "hydra.mode="))  # -m: hydra.mode=MULTIRUN
+    ]
     task = [a for a in config.hydra.overrides.task if not a.startswith("resume=")]
     return " ".join(
-        ["python -m housing_reg.train -m", *task, "resume=true"]
-        + [f"hydra.sweep.dir={config.hydra.sweep.dir}"]
+        ["python -m housing_reg.train -m"]
+        + [shlex.quote(a) for a in [*launcher, *task, "resume=true"]]
+        + [f"hydra.sweep.dir={shlex.quote(str(config.hydra.sweep.dir))}"]
     )
 
 
