@@ -174,11 +174,15 @@ def slurm_watcher(delay_s: float) -> Any:
             unknown = sorted(j for j in self._registered - self._finished if j not in listed)
             if not unknown:
                 return
-            proc = subprocess.run(  # -r: a job array's tasks one per line
-                ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(unknown)],
-                capture_output=True,
-                text=True,
-            )
+            try:
+                proc = subprocess.run(  # -r: a job array's tasks one per line
+                    ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(unknown)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                return  # no answer: nothing learnt, as when sacct fails
             if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
                 return  # slurmctld did not answer: nothing learnt
             queued = dict(line.split("|", 1) for line in proc.stdout.split())
