@@ -1,12 +1,15 @@
-"""The Keras-compatible split, standardization without leakage, folds and batching."""
+"""The Keras-compatible split, standardization without leakage, folds and batching; strict
+numerals."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from housing_reg.data import RegressionData, keras_split, load_csv
+from housing_reg.data import DataError, RegressionData, keras_split, load_csv
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +89,43 @@ def test_blocks_are_consecutive_mini_batches():
     singles = list(RegressionData(batch_size=5, steps_per_block=1).train_dataloader())
     assert [b[1].shape[1] for b in blocks] == [80] * 5 + [4]
     assert torch.equal(torch.cat([b[1] for b in blocks], 1), torch.cat([b[1] for b in singles], 1))
+
+
+# -- strict numerals ------------------------------------------------------------
+ROWS = "\n".join(f"{i},{i % 3},{2 * i + 1}" for i in range(8))
+
+
+def csv_with_cell(tmp_path: Path, cell: str) -> Path:
+    """A small CSV (header a,b,y) whose line 10 holds cell in column b, quoted."""
+    path = tmp_path / "t.csv"
+    path.write_bytes(f'a,b,y\n{ROWS}\n7,"{cell}",3\n'.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    "cell", ["1_000", "1_0.5", "\u0661\u0662", "0x10", "1,5", "\u00a01", "1\x0c", "1e", ".", "--1"]
+)
+def test_a_cell_is_a_plain_numeral_or_not_a_number(tmp_path: Path, cell: str):
+    path = csv_with_cell(tmp_path, cell)
+    with pytest.raises(DataError) as e:
+        load_csv(path, "y")
+    assert str(e.value) == (
+        f"{path}, line 10, column 'b': {cell!r} is not a number; fix or remove that row"
+    )
+
+
+@pytest.mark.parametrize(
+    ("cell", "value"),
+    [(" 1.5 ", 1.5), ("\t-2\t", -2), ("+.5", 0.5), ("5.", 5), ("1E-3", 1e-3), ("-0", 0)],
+)
+def test_sign_point_exponent_and_ascii_blanks_are_fine(tmp_path: Path, cell: str, value: float):
+    for text in (f"a,b,y\n{ROWS}\n7,{cell},3\n", f'a,b,y\n{ROWS}\n7,"{cell}",3\n'):
+        path = tmp_path / "t.csv"
+        path.write_text(text)
+        assert load_csv(path, "y").x[-1, 1] == value
+
+
+@pytest.mark.parametrize("cell", ["nan", " -Infinity", "INF", "1e999"])
+def test_nan_and_inf_stay_not_finite(tmp_path: Path, cell: str):
+    with pytest.raises(DataError, match="line 10, column 'b': .* is not a finite number"):
+        load_csv(csv_with_cell(tmp_path, cell), "y")
