@@ -118,6 +118,7 @@ SETTING_CASES = {
     "target_scaling unknown": (["data.target_scaling=log"], ["'log' is unknown", "minmax"]),
     "checkpoint_every negative": (["checkpoint_every=-1"], ["checkpoint_every=-1 must be >= 0"]),
     "ckpt_path missing": (["ckpt_path=/no/such.ckpt"], ["ckpt_path=/no/such.ckpt: no such file"]),
+    "data.path empty": (["data.path=''"], ["data.path is empty", "null for the bundled data"]),
 }
 
 

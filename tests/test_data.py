@@ -91,7 +91,7 @@ def test_blocks_are_consecutive_mini_batches():
     assert torch.equal(torch.cat([b[1] for b in blocks], 1), torch.cat([b[1] for b in singles], 1))
 
 
-# -- strict numerals ------------------------------------------------------------
+# -- strict numerals and data.path ------------------------------------------------------------
 ROWS = "\n".join(f"{i},{i % 3},{2 * i + 1}" for i in range(8))
 
 
@@ -129,3 +129,17 @@ def test_sign_point_exponent_and_ascii_blanks_are_fine(tmp_path: Path, cell: str
 def test_nan_and_inf_stay_not_finite(tmp_path: Path, cell: str):
     with pytest.raises(DataError, match="line 10, column 'b': .* is not a finite number"):
         load_csv(csv_with_cell(tmp_path, cell), "y")
+
+
+def test_an_empty_data_path_is_refused_and_none_is_the_bundled_file():
+    for path in ["", "  "]:
+        with pytest.raises(DataError) as e:
+            load_csv(path)
+        assert str(e.value) == (
+            "data.path is empty; set it to a CSV file, or to null for the bundled data"
+        )
+        with pytest.raises(DataError, match="data.path is empty"):
+            RegressionData(path)
+    with pytest.raises(DataError, match="data.path=0 is not a file path"):
+        load_csv(0)
+    assert load_csv(None).x.shape == (506, 13)

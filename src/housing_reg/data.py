@@ -10,6 +10,7 @@ import codecs
 import csv
 import io
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def load_csv(
 ) -> Table:
     """Read a numeric CSV with a header row; every failure is a one-line DataError.
 
-    A falsy path is the bundled Boston file. Every cell must be a numeral (see NUMERAL); messages
+    path None is the bundled Boston file. Every cell must be a numeral (see NUMERAL); messages
     give the file's own line numbers, blank lines counted. Constant feature columns are refused
     unless allow_constant (rows to predict on, not to fit a standardizer on): their standard
     deviation is 0, and dividing by it is undefined.
@@ -77,7 +78,7 @@ def load_csv(
     which names the first bad line and column. The first problem in the file is the one
     reported: bytes that are not UTF-8, then the header, then the rows in order.
     """
-    path = Path(path) if path else BOSTON_CSV
+    path = _csv_path(path)
     raw = _read(path)
     header, header_lines, body_start = _header(raw, path)
     if all(_is_number(h) for h in header):
@@ -135,6 +136,19 @@ def _is_number(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _csv_path(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        return BOSTON_CSV
+    if isinstance(path, str) and not path.strip():
+        raise DataError("data.path is empty; set it to a CSV file, or to null for the bundled data")
+    if not isinstance(path, str | os.PathLike):
+        raise DataError(
+            f"data.path={path!r} is not a file path; set it to a CSV file, or to null for the "
+            "bundled data"
+        )
+    return Path(path)
 
 
 def _read(path: Path) -> bytes:
