@@ -92,6 +92,16 @@ CSV_CASES = {
     ),
     "digit separator": (with_cell(6, 2, "1_000"), [], ["line 6, column 'c'", "'1_000' is not a"]),
     "non-ASCII digits": (with_cell(7, 0, "\u0661\u0662").encode(), [], ["line 7, column 'a'"]),
+    "feature beyond float32": (
+        csv_text([f"{i},{(i * 7) % 11}e307,{i * i / 10},{2 * i + 1}" for i in range(20)]),
+        [],
+        ["values up to 1e+308 cannot be standardized in float32", "rescale that column"],
+    ),
+    "target squared beyond float32": (
+        csv_text([f"{i},{(i * 7) % 11},{i * i / 10},{2 * i + 1}e29" for i in range(20)]),
+        [],
+        ["overflow float32 when squared", "set data.target_scaling=standard"],
+    ),
 }
 
 # name: (overrides on the bundled data; fragments of the message)

@@ -41,6 +41,11 @@ class Table:
     target: str
 
 
+# The model trains, and keeps its scalers, in float32.
+F32_MAX = float(np.finfo(np.float32).max)  # 3.4e38
+F32_TINY = float(np.finfo(np.float32).tiny)  # 1.2e-38, the smallest normal float32
+F32_SQRT_MAX = math.sqrt(F32_MAX)  # 1.8e19: the square of anything larger overflows float32
+
 # What a cell may hold: an optional sign, digits with an optional decimal point (or a point and
 # digits), an optional exponent; ASCII spaces and tabs around it are ignored. Nothing else that
 # float() takes: no digit separators (1_000), no non-ASCII digits or spaces, no words (nan and
@@ -355,21 +360,144 @@ class Affine:
         return a * self.scale + self.shift
 
 
-def standardizer(a: np.ndarray) -> Affine:
-    std = a.std(axis=0)  # population std, like Keras examples and sklearn
-    return Affine(a.mean(axis=0), np.where(std > 0, std, 1.0))
+def mean_std(
+    a: np.ndarray, names: Sequence[str] | None = None, what: str = "column"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Population mean and standard deviation of each column (like Keras examples, sklearn).
+
+    Exact in float64 for any finite input: each column is first scaled by the power of two at
+    its largest magnitude, which changes no digit, so nothing squared can overflow (a.std() of a
+    column of 1e200s is inf). In float64's ordinary range the result is bit for bit
+    a.mean(axis=0) and a.std(axis=0). A non-finite value is a DataError naming the column (from
+    names, if given).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.atleast_1d(np.isfinite(a).all(axis=0))
+    if not finite.all():
+        j = int(np.flatnonzero(~finite)[0])
+        raise DataError(f"{_column(names, j, what)}: non-finite values cannot be standardized")
+    _, exp = np.frexp(np.abs(a).max(axis=0))
+    unit = np.ldexp(a, -exp)  # every |value| < 1
+    # The mean lies in the column's range: rounding must not carry it past float64's.
+    mean = np.ldexp(np.clip(unit.mean(axis=0), unit.min(axis=0), unit.max(axis=0)), exp)
+    with np.errstate(over="ignore"):  # (max - min) / 2 at most, but rounding could pass F64MAX
+        std = np.ldexp(unit.std(axis=0), exp)
+    wide = ~np.isfinite(np.atleast_1d(std))
+    if wide.any():
+        j = int(np.flatnonzero(wide)[0])
+        raise DataError(
+            f"{_column(names, j, what)}: values spread too widely to standardize in float64; "
+            "rescale that column"
+        )
+    return mean, std
 
 
-def target_scaler(y: np.ndarray, kind: str, target_range: Sequence[float]) -> Affine:
+def standardizer(a: np.ndarray, names: Sequence[str] | None = None) -> Affine:
+    """x -> (x - mean) / std for each column of a (the training rows), from mean_std; a column
+    of zero spread gets scale 1.
+
+    The model keeps shift and scale in float32 buffers, and standardizes raw features in
+    float32 (Regressor.predict_raw), so a column that float32 cannot standardize is refused: a
+    DataError naming it (from names, if given). That is a column with values beyond float32's
+    range (3.4e38), or a spread below its smallest normal number (1.2e-38). The standardized
+    rows are then within sqrt(rows) of 0, so they and their squares fit float32 whatever the
+    column; rows not fitted on can be farther (see check_scaled).
+    """
+    return _standardizer(a, names, min_spread=F32_TINY)
+
+
+def _standardizer(
+    a: np.ndarray, names: Sequence[str] | None, min_spread: float, what: str = "column"
+) -> Affine:
+    a = np.asarray(a, dtype=np.float64)
+    mean, std = mean_std(a, names, what)
+    peak = np.atleast_1d(np.abs(a).max(axis=0))
+    if (peak > F32_MAX).any():
+        j = int(np.flatnonzero(peak > F32_MAX)[0])
+        raise DataError(
+            f"{_column(names, j, what)}: values up to {peak[j]:.3g} cannot be standardized in "
+            f"float32 (at most {F32_MAX:.3g}); rescale that column"
+        )
+    # x - shift, in float32: values near both ends of its range are too far apart
+    reach = np.atleast_1d(np.abs(a - mean).max(axis=0))
+    if (reach > F32_MAX).any():
+        j = int(np.flatnonzero(reach > F32_MAX)[0])
+        raise DataError(
+            f"{_column(names, j, what)}: values from {np.atleast_1d(a.min(axis=0))[j]:.3g} to "
+            f"{np.atleast_1d(a.max(axis=0))[j]:.3g} cannot be standardized in float32 "
+            f"(differences of at most {F32_MAX:.3g}); rescale that column"
+        )
+    spread = np.atleast_1d(std)
+    tiny = (spread > 0) & (spread < min_spread)
+    if tiny.any():
+        j = int(np.flatnonzero(tiny)[0])
+        raise DataError(
+            f"{_column(names, j, what)}: values spread by only {spread[j]:.3g} cannot be "
+            f"standardized in float32 (at least {min_spread:.3g}); rescale that column"
+        )
+    return Affine(mean, np.where(std > 0, std, 1.0))
+
+
+def target_scaler(
+    y: np.ndarray, kind: str, target_range: Sequence[float], name: str | None = None
+) -> Affine:
+    """The target's scaler; name (the target column) goes into its error messages.
+
+    Refused up front, as the model trains and keeps the scaler in float32: with kind none,
+    targets beyond sqrt(float32 max) = 1.8e19, whose squares in the MSE loss overflow float32;
+    with standard or minmax, targets beyond float32's range, or a shift or scale beyond it.
+    """
+    label = f"target column {name!r}" if name else "the target"
     if kind == "none":
+        peak = float(np.abs(y).max())
+        if not peak <= F32_SQRT_MAX:
+            raise DataError(
+                f"{label}: values up to {peak:.3g} overflow float32 when squared in the MSE "
+                "loss; set data.target_scaling=standard"
+            )
         return Affine(0.0, 1.0)
     if kind == "standard":
-        return standardizer(y)
+        # A spread too small for float32 only costs the unscaled target less than itself.
+        return _standardizer(y, name and [name], min_spread=0.0, what="target column")
     lo, hi = target_range
     # Map [min, max] of the training targets onto [lo, hi] (a constant target onto lo).
-    span = y.max() - y.min()
+    y_min, y_max = float(y.min()), float(y.max())
+    span = y_max - y_min  # Python floats: beyond float64, inf and no warning
     scale = (span if span > 0 else 1.0) / (hi - lo)
-    return Affine(y.min() - lo * scale, scale)
+    shift = y_min - lo * scale
+    if not max(-y_min, y_max, abs(shift), scale) <= F32_MAX:
+        raise DataError(
+            f"{label}: values from {y_min:.3g} to {y_max:.3g} mapped onto [{lo:g}, {hi:g}] "
+            f"need shift {shift:.3g} and scale {scale:.3g}, which float32 cannot hold; "
+            "rescale that column"
+        )
+    return Affine(np.float64(shift), np.float64(scale))
+
+
+def check_scaled(scaler: Affine, a: np.ndarray, names: Sequence[str] | None = None) -> None:
+    """Refuse values that scaler takes beyond what the model can train on in float32.
+
+    A scaled value beyond sqrt(float32 max) = 1.8e19 in magnitude has a square (in an MSE loss,
+    a variance) that overflows float32. The rows a standardizer was fitted on never scale that
+    far; other rows (validation, test) can, if far outside the range of those.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = np.asarray(scaler(a)).reshape(len(a), -1)
+    far = ~(np.abs(z) <= F32_SQRT_MAX)  # inf and nan too
+    if far.any():
+        i, j = (int(k[0]) for k in np.nonzero(far))
+        raise DataError(
+            f"{_column(names, j)}: {a.reshape(len(a), -1)[i, j]:.6g} scales to {z[i, j]:.3g}, "
+            "too far from the rows the scaler was fitted on for float32; check that row or "
+            "rescale that column"
+        )
+
+
+def _column(names: Sequence[str] | None, j: int, what: str = "column") -> str:
+    if names:
+        return f"{what} {names[j]!r}"
+    return "the target" if what == "target column" else f"{what} {j}"
 
 
 class EpochBatches:
