@@ -115,22 +115,19 @@ def load_csv(
             f"{path}: data.features must name at least one column other than the target {target!r}"
         )
     values = _fast_body(raw, body_start, len(header))
-    if values is not None:
-        lo, hi = values.min(axis=0), values.max(axis=0)
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            values = None  # a numeral beyond float64: the exact path names its line and column
+    if values is not None and not np.isfinite(values).all():
+        values = None  # a numeral beyond float64: the exact path names its line and column
     if values is None:
         values = _exact_body(raw, body_start, header_lines, header, path)
-        lo, hi = values.min(axis=0), values.max(axis=0)
     del raw
-    cols = [header.index(c) for c in features]
-    constant = [c for c, j in zip(features, cols, strict=True) if lo[j] == hi[j]]
+    x = _columns(values, [header.index(c) for c in features])
+    constant = [c for c, same in zip(features, (x == x[0]).all(axis=0), strict=True) if same]
     if constant and not allow_constant:
         raise DataError(
             f"{path}: feature column(s) {', '.join(constant)} are constant and "
             "cannot be standardized; leave them out with data.features=[...]"
         )
-    return Table(_columns(values, cols), values[:, header.index(target)], tuple(features), target)
+    return Table(x, values[:, header.index(target)], tuple(features), target)
 
 
 def _is_number(s: str) -> bool:
