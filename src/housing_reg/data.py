@@ -84,7 +84,7 @@ def load_csv(
     reported: bytes that are not UTF-8, then the header, then the rows in order.
     """
     path = _csv_path(path)
-    raw = _read(path)
+    raw, odd = _read(path)
     header, header_lines, body_start = _header(raw, path)
     if all(_is_number(h) for h in header):
         raise DataError(
@@ -114,14 +114,14 @@ def load_csv(
         raise DataError(
             f"{path}: data.features must name at least one column other than the target {target!r}"
         )
-    values = _fast_body(raw, body_start, len(header))
+    values = _fast_body(raw, odd, body_start, len(header))
     if values is not None and not np.isfinite(values).all():
         values = None  # a numeral beyond float64: the exact path names its line and column
     if values is None:
         values = _exact_body(raw, body_start, header_lines, header, path)
     del raw
     x = _columns(values, [header.index(c) for c in features])
-    constant = [c for c, same in zip(features, (x == x[0]).all(axis=0), strict=True) if same]
+    constant = [c for c, same in zip(features, _constant(x), strict=True) if same]
     if constant and not allow_constant:
         raise DataError(
             f"{path}: feature column(s) {', '.join(constant)} are constant and "
@@ -153,8 +153,9 @@ def _csv_path(path: str | os.PathLike | None) -> Path:
     return Path(path)
 
 
-def _read(path: Path) -> bytes:
-    """The file's bytes, all of them checked to be UTF-8 before anything is made of them."""
+def _read(path: Path) -> tuple[bytes, bytes]:
+    """The file's bytes, all of them checked to be UTF-8 before anything is made of them; and
+    those of them that are not _NUMERIC_BYTES, in order."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -163,7 +164,8 @@ def _read(path: Path) -> bytes:
         raise DataError(
             f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
         ) from None
-    if not raw.isascii():
+    odd = raw.translate(None, _NUMERIC_BYTES)
+    if not odd.isascii():
         decoder, view, step = codecs.getincrementaldecoder("utf-8")(), memoryview(raw), 1 << 20
         try:
             for i in range(0, len(raw), step):  # a piece at a time: no copy of the whole file
@@ -173,7 +175,7 @@ def _read(path: Path) -> bytes:
             raise DataError(
                 f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
             ) from None
-    return raw
+    return raw, odd
 
 
 def _header(raw: bytes, path: Path) -> tuple[list[str], int, int]:
@@ -196,7 +198,7 @@ def _header(raw: bytes, path: Path) -> tuple[list[str], int, int]:
     return [h.strip() for h in row], reader.line_num, start
 
 
-def _fast_body(raw: bytes, start: int, ncols: int) -> np.ndarray | None:
+def _fast_body(raw: bytes, odd: bytes, start: int, ncols: int) -> np.ndarray | None:
     """The rows from byte `start` on, parsed by np.loadtxt; None where the csv module and
     NUMERAL might not agree with it, for the exact path to decide.
 
@@ -206,12 +208,12 @@ def _fast_body(raw: bytes, start: int, ncols: int) -> np.ndarray | None:
     Whatever loadtxt refuses goes to the exact path: a bad cell, a row of spaces (blank to the
     csv module), a lone \\r line break, a row of the wrong length.
     """
-    if len(raw.translate(None, _NUMERIC_BYTES)) != len(raw[:start].translate(None, _NUMERIC_BYTES)):
-        return None
+    if len(odd) != len(raw[:start].translate(None, _NUMERIC_BYTES)):
+        return None  # odd bytes after the header
     if not _NOT_EOL.search(raw, start):
         return None  # no rows at all
-    if _longest_line(raw, start) > csv.field_size_limit():
-        return None  # the csv module refuses fields that long
+    if _has_long_line(raw, start, csv.field_size_limit()):
+        return None  # it may hold a field longer than the csv module takes
     stream = io.BytesIO(raw)  # shares raw's bytes
     stream.seek(start)
     try:
@@ -229,8 +231,13 @@ def _fast_body(raw: bytes, start: int, ncols: int) -> np.ndarray | None:
     return values if values.shape[1] == ncols and len(values) else None
 
 
-def _longest_line(raw: bytes, start: int) -> int:
-    """Bytes in the longest line from `start` on, counting its \\n."""
+def _has_long_line(raw: bytes, start: int, limit: int) -> bool:
+    """Whether a line from `start` on is longer than limit bytes (its \n counted)."""
+    # Such a line holds a whole window of limit // 2 bytes with no \n in it: where there is
+    # none, a few memchr calls tell. Otherwise, count.
+    half = max(limit // 2, 1)
+    if all(raw.find(b"\n", i, i + half) >= 0 for i in range(start, len(raw) - half + 1, half)):
+        return False
     u = np.frombuffer(raw, dtype=np.uint8)
     longest, last = 0, start - 1  # last: where the line before ended
     step = 1 << 23
@@ -239,7 +246,7 @@ def _longest_line(raw: bytes, start: int) -> int:
         if len(breaks):
             longest = max(longest, int(breaks[0]) - last, int(np.diff(breaks).max(initial=0)))
             last = int(breaks[-1])
-    return max(longest, len(u) - 1 - last)
+    return max(longest, len(u) - 1 - last) > limit
 
 
 def _exact_body(raw: bytes, start: int, line0: int, header: list[str], path: Path) -> np.ndarray:
@@ -318,6 +325,14 @@ def _cell_problem(cell: str) -> str | None:
     elif not _NON_FINITE.fullmatch(cell):
         return f"{cell!r} is not a number; fix or remove that row"
     return f"{cell!r} is not a finite number; fill in or remove that row"
+
+
+def _constant(x: np.ndarray) -> np.ndarray:
+    """Which columns of x hold one value only; most differ within the first rows already."""
+    same = (x[:1024] == x[0]).all(axis=0)
+    if same.any():
+        same[same] = (x[:, same] == x[0, same]).all(axis=0)
+    return same
 
 
 def _columns(values: np.ndarray, cols: list[int]) -> np.ndarray:
