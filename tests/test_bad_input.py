@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import re
@@ -447,3 +448,31 @@ def test_plain_csv_takes_the_fast_path_and_the_rest_the_exact_one(tmp_path: Path
         other = load_csv(path, "y")
         np.testing.assert_array_equal(other.x, table.x)
         np.testing.assert_array_equal(other.y, table.y)
+
+
+def test_fields_past_the_csv_modules_size_limit_are_refused_on_both_paths(tmp_path: Path):
+    limit = csv.field_size_limit(40)
+    try:
+        long = tmp_path / "long.csv"  # a 51-digit numeral on line 5: a float, but no CSV field
+        long.write_text(csv_text([*ROWS[:3], "1,2," + "0" * 50 + "1,4", *ROWS[3:]]))
+        message = outcome(long, "y")
+        assert message == load_exactly(long, "y")
+        assert (
+            message
+            == f"{long}, line 5: not a valid CSV (field larger than field limit (40)); fix the file"
+        )
+        wide = tmp_path / "wide.csv"  # lines past the limit, fields within it
+        names = [f"x{k}" for k in range(15)] + ["y"]
+        wide.write_text(csv_text([",".join([r] * 4) for r in ROWS], header=",".join(names)))
+        assert max(map(len, wide.read_text().splitlines())) > 40
+        assert outcome(wide, "y") == load_exactly(wide, "y")
+        assert load_csv(wide, "y").x.shape == (20, 15)
+    finally:
+        csv.field_size_limit(limit)
+    rng = np.random.default_rng(0)
+    for _ in range(3000):  # against a plain count of the longest line
+        raw = rng.choice(list(b"a\n" if rng.random() < 0.5 else b"aaaaaaaa\n"), rng.integers(120))
+        raw, limit = bytes(raw.astype(np.uint8)), int(rng.integers(1, 40))
+        lines = raw.split(b"\n")
+        longest = max([len(line) + 1 for line in lines[:-1]] + [len(lines[-1])])
+        assert data._has_long_line(raw, 0, limit) == (longest > limit)
