@@ -6,8 +6,9 @@ Writes a numeric CSV (a header and --rows rows of 14 columns, ~112 bytes a row) 
 directory, then loads it in a fresh subprocess per measurement, so every method starts from the
 same imports and no method inherits another's memory:
 
-* time: wall seconds of the load call alone, the median of --repeats runs, interleaved; and
-  the growth of the process's peak resident set (ru_maxrss) over the call, the median too;
+* time: wall seconds of the load call alone, the median and the best of --repeats runs,
+  interleaved (on a shared machine the best is the steadier figure); and the growth of the
+  process's peak resident set (ru_maxrss) over the call, the median;
 * memory: the tracemalloc peak during the call (numpy reports its arrays to tracemalloc), in
   a run of its own, as tracemalloc slows pure-Python code and its bookkeeping takes memory.
 
@@ -59,7 +60,7 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3  # bytes on macOS, else KiB
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes, or KiB
 
 
 def child(method: str, path: str, mode: str) -> dict:
@@ -127,11 +128,14 @@ def main() -> None:
                 runs[m].append(run_child(m, path, "time"))
         memory = {m: run_child(m, path, "memory")["tracemalloc_mb"] for m in methods}
     seconds = {m: statistics.median(r["seconds"] for r in runs[m]) for m in methods}
+    best = {m: min(r["seconds"] for r in runs[m]) for m in methods}
     rss = {m: statistics.median(r["rss_growth_mb"] for r in runs[m]) for m in methods}
     results = {
         m: {
             "seconds": seconds[m],
             "time_ratio": seconds[m] / seconds["np.loadtxt"],
+            "best_seconds": best[m],
+            "best_ratio": best[m] / best["np.loadtxt"],
             "rss_growth_mb": rss[m],
             "rss_growth_x_file": rss[m] / size_mb,
             "tracemalloc_mb": memory[m],
@@ -145,14 +149,14 @@ def main() -> None:
         f"{args.repeats}; Python {platform.python_version()}, {os.cpu_count()} CPUs"
     )
     print(
-        f"{'method':20} {'seconds':>8} {'x loadtxt':>9} {'RSS+ MB':>8} {'x file':>6} "
-        f"{'traced MB':>9} {'x file':>6}"
+        f"{'method':20} {'median s':>8} {'x loadtxt':>9} {'best s':>6} {'x loadtxt':>9} "
+        f"{'RSS+ MB':>7} {'x file':>6} {'traced MB':>9} {'x file':>6}"
     )
     for m, r in results.items():
         print(
-            f"{m:20} {r['seconds']:8.2f} {r['time_ratio']:9.2f} {r['rss_growth_mb']:8.0f} "
-            f"{r['rss_growth_x_file']:6.2f} {r['tracemalloc_mb']:9.0f} "
-            f"{r['tracemalloc_x_file']:6.2f}"
+            f"{m:20} {r['seconds']:8.2f} {r['time_ratio']:9.2f} {r['best_seconds']:6.2f} "
+            f"{r['best_ratio']:9.2f} {r['rss_growth_mb']:7.0f} {r['rss_growth_x_file']:6.2f} "
+            f"{r['tracemalloc_mb']:9.0f} {r['tracemalloc_x_file']:6.2f}"
         )
     if args.out:
         figures = {"rows": args.rows, "file_mb": size_mb, **results}
