@@ -78,10 +78,10 @@ def load_csv(
     unless allow_constant (rows to predict on, not to fit a standardizer on): their standard
     deviation is 0, and dividing by it is undefined.
 
-    A body that can hold nothing but numerals is parsed by np.loadtxt (_fast_body); a file that
-    path does not take exactly is read by the csv module and checked cell by cell (_exact_body),
-    which names the first bad line and column. The first problem in the file is the one
-    reported: bytes that are not UTF-8, then the header, then the rows in order.
+    A body that can hold nothing but numerals is parsed by np.loadtxt (_fast_body); any other,
+    and any that loadtxt refuses, is read by the csv module and checked cell by cell
+    (_exact_body), which names the first bad line and column. The first problem in the file is
+    the one reported: bytes that are not UTF-8, then the header, then the rows in order.
     """
     path = _csv_path(path)
     raw, odd = _read(path)
