@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import re
 import string
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from housing_reg import data
 from housing_reg.cli import check_choices
 from housing_reg.data import DataError, load_csv
 from housing_reg.settings import USER_ERRORS, ConfigError
@@ -88,6 +93,18 @@ CSV_CASES = {
         [],
         ["cannot read file", "readable UTF-8 CSV"],
     ),
+    "digit separator": (with_cell(6, 2, "1_000"), [], ["line 6, column 'c'", "'1_000' is not a"]),
+    "non-ASCII digits": (with_cell(7, 0, "\u0661\u0662").encode(), [], ["line 7, column 'a'"]),
+    "feature beyond float32": (
+        csv_text([f"{i},{(i * 7) % 11}e307,{i * i / 10},{2 * i + 1}" for i in range(20)]),
+        [],
+        ["values up to 1e+308 cannot be standardized in float32", "rescale that column"],
+    ),
+    "target squared beyond float32": (
+        csv_text([f"{i},{(i * 7) % 11},{i * i / 10},{2 * i + 1}e29" for i in range(20)]),
+        [],
+        ["overflow float32 when squared", "set data.target_scaling=standard"],
+    ),
 }
 
 # name: (overrides on the bundled data; fragments of the message)
@@ -114,6 +131,7 @@ SETTING_CASES = {
     "target_scaling unknown": (["data.target_scaling=log"], ["'log' is unknown", "minmax"]),
     "checkpoint_every negative": (["checkpoint_every=-1"], ["checkpoint_every=-1 must be >= 0"]),
     "ckpt_path missing": (["ckpt_path=/no/such.ckpt"], ["ckpt_path=/no/such.ckpt: no such file"]),
+    "data.path empty": (["data.path=''"], ["data.path is empty", "null for the bundled data"]),
 }
 
 
@@ -342,3 +360,131 @@ def test_loader_never_crashes(data: bytes, target: str) -> None:
     assert table.x.shape == (len(table.y), len(table.features)) and len(table.y) >= 1
     assert target not in table.features
     assert all(math.isfinite(v) for v in table.x.ravel()) and np.isfinite(table.y).all()
+
+
+# -- the fast path (np.loadtxt) and the exact path (csv module, cell by cell) agree ------------
+def load_exactly(path: Path, target: str) -> object:
+    """load_csv's outcome with its fast path off: every row through the csv module."""
+    with mock.patch.object(data, "_fast_body", lambda *args: None):
+        return outcome(path, target)
+
+
+def outcome(path: Path, target: str) -> object:
+    try:
+        table = load_csv(path, target)
+    except DataError as e:
+        return str(e)
+    return table.x.shape, table.x.tobytes(), table.y.tobytes(), table.features
+
+
+A_NUMERAL = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.integers().map(str),
+    st.from_regex(
+        r"[ \t]?[+-]?([0-9]{1,3}\.?[0-9]{0,3}|\.[0-9]{1,3})([eE][+-]?[0-9]{1,3})?[ \t]?",
+        fullmatch=True,
+    ),
+)
+ODD_CELL = st.one_of(
+    st.text(' 0123456789.+-eE\t"_,\r\n', max_size=5),  # what a fast path might take wrongly
+    st.sampled_from(["", " ", '"1"', '" 2.5"', "1e400", "-0", "1_0", "inf", "\u0661", "\u00a01"]),
+)
+ODD_BREAK = st.sampled_from(["\r", "\n\n", "\n \n", "\n,,\n", "\n\t , \n", "\r\r\n", "\n\r"])
+
+
+@st.composite
+def numeric_csv(draw) -> str:
+    """A CSV of numerals (header a,b,y) with at most one oddity in it."""
+    rows = draw(st.lists(st.lists(A_NUMERAL, min_size=3, max_size=3), min_size=2, max_size=6))
+    eol = draw(st.sampled_from(["\n", "\r\n"]))
+    breaks = [eol] * len(rows)
+    i = draw(st.integers(0, len(rows) - 1))
+    oddity = draw(st.sampled_from([None, "cell", "cell", "break", "row", "end"]))
+    if oddity == "cell":
+        rows[i][draw(st.integers(0, 2))] = draw(ODD_CELL)
+    elif oddity == "break":
+        breaks[i] = draw(ODD_BREAK)
+    elif oddity == "row":
+        rows[i] = draw(st.lists(A_NUMERAL, max_size=4).filter(lambda r: len(r) != 3))
+    end = draw(ODD_BREAK) if oddity == "end" else draw(st.sampled_from(["", eol]))
+    header = draw(st.sampled_from(["a,b,y", '"a", b ,y', "\ufeffa,b,y", "\n\na,b,y", '"a\nb",b,y']))
+    return header + "".join(b + ",".join(r) for b, r in zip(breaks, rows, strict=True)) + end
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=numeric_csv())
+def test_fast_and_exact_paths_agree(text: str):
+    """Whatever the fast path takes, it takes as the csv module and NUMERAL would."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f.csv"
+        path.write_bytes(text.encode())
+        assert outcome(path, "y") == load_exactly(path, "y")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(cell=st.text("0123456789+-.eE \t", max_size=8) | A_NUMERAL)
+def test_of_numeral_characters_float_and_loadtxt_take_exactly_the_numerals(cell: str):
+    """What both paths rest on: no string of these characters is a number to float() or to
+    np.loadtxt unless it is a NUMERAL, and both read a NUMERAL alike."""
+    try:
+        by_float = float(cell)
+    except ValueError:
+        by_float = None
+    try:
+        row = np.loadtxt(io.BytesIO(f"{cell},1\n".encode()), delimiter=",", comments=None)
+        by_loadtxt = float(row[0])
+    except ValueError:
+        by_loadtxt = None
+    is_numeral = re.fullmatch(data.NUMERAL, cell) is not None
+    assert (by_float is not None) == (by_loadtxt is not None) == is_numeral
+    if is_numeral:
+        assert np.float64(by_float).tobytes() == np.float64(by_loadtxt).tobytes()
+
+
+def test_plain_csv_takes_the_fast_path_and_the_rest_the_exact_one(tmp_path: Path):
+    plain = tmp_path / "plain.csv"
+    plain.write_text(csv_text().replace("\n", "\r\n"))
+    with mock.patch.object(data, "_exact_body", side_effect=AssertionError("exact path")):
+        table = load_csv(plain, "y")
+        load_csv(None)
+    # Quoted numbers, a row of blanks, old Mac line breaks, a BOM: the csv module's business.
+    unusual = {
+        "quoted.csv": csv_text([",".join(f'"{c}"' for c in r.split(",")) for r in ROWS]),
+        "blank row.csv": csv_text([*ROWS[:5], " , ,\t, ", *ROWS[5:]]),
+        "old mac.csv": csv_text().replace("\n", "\r"),
+        "bom.csv": "\ufeff" + csv_text(),
+    }
+    for name, text in unusual.items():
+        path = tmp_path / name
+        path.write_bytes(text.encode())
+        other = load_csv(path, "y")
+        np.testing.assert_array_equal(other.x, table.x)
+        np.testing.assert_array_equal(other.y, table.y)
+
+
+def test_fields_past_the_csv_modules_size_limit_are_refused_on_both_paths(tmp_path: Path):
+    limit = csv.field_size_limit(40)
+    try:
+        long = tmp_path / "long.csv"  # a 51-digit numeral on line 5: a float, but no CSV field
+        long.write_text(csv_text([*ROWS[:3], "1,2," + "0" * 50 + "1,4", *ROWS[3:]]))
+        message = outcome(long, "y")
+        assert message == load_exactly(long, "y")
+        assert (
+            message
+            == f"{long}, line 5: not a valid CSV (field larger than field limit (40)); fix the file"
+        )
+        wide = tmp_path / "wide.csv"  # lines past the limit, fields within it
+        names = [f"x{k}" for k in range(15)] + ["y"]
+        wide.write_text(csv_text([",".join([r] * 4) for r in ROWS], header=",".join(names)))
+        assert max(map(len, wide.read_text().splitlines())) > 40
+        assert outcome(wide, "y") == load_exactly(wide, "y")
+        assert load_csv(wide, "y").x.shape == (20, 15)
+    finally:
+        csv.field_size_limit(limit)
+    rng = np.random.default_rng(0)
+    for _ in range(3000):  # against a plain count of the longest line
+        raw = rng.choice(list(b"a\n" if rng.random() < 0.5 else b"aaaaaaaa\n"), rng.integers(120))
+        raw, limit = bytes(raw.astype(np.uint8)), int(rng.integers(1, 40))
+        lines = raw.split(b"\n")
+        longest = max([len(line) + 1 for line in lines[:-1]] + [len(lines[-1])])
+        assert data._has_long_line(raw, 0, limit) == (longest > limit)

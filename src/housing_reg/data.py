@@ -6,8 +6,12 @@ per-sample collation would cost several times the model's own work at batch size
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
+import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -40,6 +44,30 @@ class Table:
     target: str
 
 
+# The model trains, and keeps its scalers, in float32.
+F32_MAX = float(np.finfo(np.float32).max)  # 3.4e38
+F32_TINY = float(np.finfo(np.float32).tiny)  # 1.2e-38, the smallest normal float32
+F32_SQRT_MAX = math.sqrt(F32_MAX)  # 1.8e19: the square of anything larger overflows float32
+
+# What a cell may hold: an optional sign, digits with an optional decimal point (or a point and
+# digits), an optional exponent; ASCII spaces and tabs around it are ignored. Nothing else that
+# float() takes: no digit separators (1_000), no non-ASCII digits or spaces, no words (nan and
+# inf are refused as not finite), no hex.
+NUMERAL = r"[ \t]*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*"
+_NUMERAL = re.compile(NUMERAL)
+_NON_FINITE = re.compile(r"[ \t]*[+-]?(?:nan|inf|infinity)[ \t]*", re.IGNORECASE)
+# What numerals are made of. Of strings of these, float() and np.loadtxt take exactly the
+# NUMERALs (no letters for nan or inf, no _, no other blanks), to the same correctly rounded
+# float64: so strings of these need no NUMERAL match, only a parse.
+_NUMERAL_BYTES = b"0123456789+-.eE \t"
+# A body of numerals, commas and line breaks: ASCII, so there is nothing to decode, and no
+# quote, so the csv module would split it where np.loadtxt does.
+_NUMERIC_BYTES = _NUMERAL_BYTES + b",\r\n"
+_EOL = re.compile(rb"\r\n?|\n")  # a line break, for open(newline="") and the csv module
+_NOT_EOL = re.compile(rb"[^\r\n]")
+_BLOCK_ROWS = 4096  # rows the exact path converts at a time
+
+
 def load_csv(
     path: str | Path | None,
     target: str = "MEDV",
@@ -48,27 +76,19 @@ def load_csv(
 ) -> Table:
     """Read a numeric CSV with a header row; every failure is a one-line DataError.
 
-    Constant feature columns are refused unless allow_constant (rows to predict on, not to fit
-    a standardizer on): their standard deviation is 0, and dividing by it is undefined.
+    path None is the bundled Boston file. Every cell must be a numeral (see NUMERAL); messages
+    give the file's own line numbers, blank lines counted. Constant feature columns are refused
+    unless allow_constant (rows to predict on, not to fit a standardizer on): their standard
+    deviation is 0, and dividing by it is undefined.
+
+    A body that can hold nothing but numerals is parsed by np.loadtxt (_fast_body); any other,
+    and any that loadtxt refuses, is read by the csv module and checked cell by cell
+    (_exact_body), which names the first bad line and column. The first problem in the file is
+    the one reported: bytes that are not UTF-8, then the header, then the rows in order.
     """
-    path = Path(path) if path else BOSTON_CSV
-    try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            # (line number, cells); blank lines carry nothing
-            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found; set data.path to an existing CSV") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(
-            f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
-        ) from None
-    except csv.Error as e:
-        raise DataError(f"{path}: not a valid CSV ({e}); fix the file") from None
-    if not rows:
-        raise DataError(f"{path}: file is empty; expected a header row and numeric rows")
-    header = [h.strip() for h in rows[0][1]]
+    path = _csv_path(path)
+    raw, odd = _read(path)
+    header, header_lines, body_start = _header(raw, path)
     if all(_is_number(h) for h in header):
         raise DataError(
             f"{path}: first row {','.join(header[:4])}... is numeric, not a "
@@ -97,33 +117,14 @@ def load_csv(
         raise DataError(
             f"{path}: data.features must name at least one column other than the target {target!r}"
         )
-    body = rows[1:]
-    if not body:
-        raise DataError(f"{path}: header but no data rows; add numeric rows")
-    values = np.empty((len(body), len(header)))
-    for i, (line, row) in enumerate(body):
-        if len(row) != len(header):
-            raise DataError(
-                f"{path}, line {line}: {len(row)} fields but the header has "
-                f"{len(header)}; make every row as long as the header"
-            )
-        for j, cell in enumerate(row):
-            where = f"{path}, line {line}, column {header[j]!r}"
-            if not cell.strip():
-                raise DataError(f"{where}: empty cell; fill it in or remove that row")
-            try:
-                v = float(cell)
-            except ValueError:
-                raise DataError(
-                    f"{where}: {cell!r} is not a number; fix or remove that row"
-                ) from None
-            if not math.isfinite(v):
-                raise DataError(
-                    f"{where}: {cell!r} is not a finite number; fill in or remove that row"
-                )
-            values[i, j] = v
-    x = values[:, [header.index(c) for c in features]]
-    constant = [c for c, col in zip(features, x.T, strict=True) if np.all(col == col[0])]
+    values = _fast_body(raw, odd, body_start, len(header))
+    if values is not None and not np.isfinite(values).all():
+        values = None  # a numeral beyond float64: the exact path names its line and column
+    if values is None:
+        values = _exact_body(raw, body_start, header_lines, header, path)
+    del raw
+    x = _columns(values, [header.index(c) for c in features])
+    constant = [c for c, same in zip(features, _constant(x), strict=True) if same]
     if constant and not allow_constant:
         raise DataError(
             f"{path}: feature column(s) {', '.join(constant)} are constant and "
@@ -133,11 +134,216 @@ def load_csv(
 
 
 def _is_number(s: str) -> bool:
+    """Whether float() takes s, nan and 1_000 included: lenient, to tell a first row of data
+    from a header (cells are held to NUMERAL)."""
     try:
         float(s)
     except ValueError:
         return False
     return True
+
+
+def _csv_path(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        return BOSTON_CSV
+    if isinstance(path, str) and not path.strip():
+        raise DataError("data.path is empty; set it to a CSV file, or to null for the bundled data")
+    if not isinstance(path, str | os.PathLike):
+        raise DataError(
+            f"data.path={path!r} is not a file path; set it to a CSV file, or to null for the "
+            "bundled data"
+        )
+    return Path(path)
+
+
+def _read(path: Path) -> tuple[bytes, bytes]:
+    """The file's bytes, all of them checked to be UTF-8 before anything is made of them; and
+    those of them that are not _NUMERIC_BYTES, in order."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; set data.path to an existing CSV") from None
+    except OSError as e:
+        raise DataError(
+            f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
+        ) from None
+    odd = raw.translate(None, _NUMERIC_BYTES)
+    if not odd.isascii():
+        decoder, view, step = codecs.getincrementaldecoder("utf-8")(), memoryview(raw), 1 << 20
+        try:
+            for i in range(0, len(raw), step):  # a piece at a time: no copy of the whole file
+                decoder.decode(view[i : i + step])
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
+            ) from None
+    return raw, odd
+
+
+def _header(raw: bytes, path: Path) -> tuple[list[str], int, int]:
+    """The first record with something in it, its cells stripped; the number of lines up to
+    its end, and the byte offset after it."""
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark
+    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""))
+    try:
+        row = next((r for r in reader if "".join(r).strip()), None)
+    except csv.Error as e:
+        raise DataError(
+            f"{path}, line {reader.line_num}: not a valid CSV ({e}); fix the file"
+        ) from None
+    if row is None:
+        raise DataError(f"{path}: file is empty; expected a header row and numeric rows")
+    start = 0
+    for _ in range(reader.line_num):
+        eol = _EOL.search(raw, start)
+        start = eol.end() if eol else len(raw)
+    return [h.strip() for h in row], reader.line_num, start
+
+
+def _fast_body(raw: bytes, odd: bytes, start: int, ncols: int) -> np.ndarray | None:
+    """The rows from byte `start` on, parsed by np.loadtxt; None where the csv module and
+    NUMERAL might not agree with it, for the exact path to decide.
+
+    Taken only where every byte is a digit, sign, point, e or E, space, tab, comma or line
+    break: then the csv module splits rows and cells where loadtxt does, and the cells loadtxt
+    takes are exactly the NUMERALs, parsed to the same correctly rounded float64 as float().
+    Whatever loadtxt refuses goes to the exact path: a bad cell, a row of spaces (blank to the
+    csv module), a lone \\r line break, a row of the wrong length.
+    """
+    if len(odd) != len(raw[:start].translate(None, _NUMERIC_BYTES)):
+        return None  # odd bytes after the header
+    if not _NOT_EOL.search(raw, start):
+        return None  # no rows at all
+    if _has_long_line(raw, start, csv.field_size_limit()):
+        return None  # it may hold a field longer than the csv module takes
+    stream = io.BytesIO(raw)  # shares raw's bytes
+    stream.seek(start)
+    try:
+        values = np.loadtxt(
+            stream,
+            dtype=np.float64,
+            delimiter=",",
+            comments=None,
+            quotechar=None,
+            ndmin=2,
+            encoding="latin-1",
+        )
+    except ValueError:
+        return None
+    return values if values.shape[1] == ncols and len(values) else None
+
+
+def _has_long_line(raw: bytes, start: int, limit: int) -> bool:
+    """Whether a line from `start` on is longer than limit bytes (its \n counted)."""
+    # Such a line holds a whole window of limit // 2 bytes with no \n in it: where there is
+    # none, a few memchr calls tell. Otherwise, count.
+    half = max(limit // 2, 1)
+    if all(raw.find(b"\n", i, i + half) >= 0 for i in range(start, len(raw) - half + 1, half)):
+        return False
+    u = np.frombuffer(raw, dtype=np.uint8)
+    longest, last = 0, start - 1  # last: where the line before ended
+    step = 1 << 23
+    for i in range(start, len(u), step):
+        breaks = np.flatnonzero(u[i : i + step] == ord("\n")) + i
+        if len(breaks):
+            longest = max(longest, int(breaks[0]) - last, int(np.diff(breaks).max(initial=0)))
+            last = int(breaks[-1])
+    return max(longest, len(u) - 1 - last) > limit
+
+
+def _exact_body(raw: bytes, start: int, line0: int, header: list[str], path: Path) -> np.ndarray:
+    """The rows from byte `start` on (line line0 + 1), read by the csv module and checked
+    cell by cell; the first bad row or cell is a DataError naming its line (and column).
+
+    Rows go in blocks: a block whose cells hold nothing but _NUMERAL_BYTES goes through float()
+    at once, and only a block that has a bad cell is gone through again, cell by cell, to find
+    the first.
+    """
+    stream = io.BytesIO(raw)
+    stream.seek(start)
+    reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
+    ncols = len(header)
+    blocks: list[np.ndarray] = []
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    try:
+        for row in reader:
+            if not "".join(row).strip():
+                continue  # blank lines carry nothing
+            line = line0 + reader.line_num
+            if len(row) != ncols:
+                _block(rows, lines, header, path)  # a bad cell above this row comes first
+                raise DataError(
+                    f"{path}, line {line}: {len(row)} fields but the header has "
+                    f"{ncols}; make every row as long as the header"
+                )
+            rows.append(row)
+            lines.append(line)
+            if len(rows) == _BLOCK_ROWS:
+                blocks.append(_block(rows, lines, header, path))
+                rows, lines = [], []
+    except csv.Error as e:
+        _block(rows, lines, header, path)
+        raise DataError(
+            f"{path}, line {line0 + reader.line_num}: not a valid CSV ({e}); fix the file"
+        ) from None
+    blocks.append(_block(rows, lines, header, path))
+    values = np.concatenate(blocks)
+    if not len(values):
+        raise DataError(f"{path}: header but no data rows; add numeric rows")
+    return values
+
+
+def _block(rows: list[list[str]], lines: list[int], header: list[str], path: Path) -> np.ndarray:
+    """Rows as long as the header -> (rows, columns) float64, or the first bad cell's
+    DataError."""
+    if not rows:
+        return np.empty((0, len(header)))
+    cells = [c for row in rows for c in row]
+    joined = "".join(cells)
+    if joined.isascii() and not joined.encode().translate(None, _NUMERAL_BYTES):
+        try:
+            values = np.fromiter(map(float, cells), np.float64, len(cells))
+        except ValueError:  # not a numeral, as "", "1e" or "+-1"
+            pass
+        else:
+            if np.isfinite(values).all():
+                return values.reshape(len(rows), len(header))
+    for row, line in zip(rows, lines, strict=True):
+        for name, cell in zip(header, row, strict=True):
+            problem = _cell_problem(cell)
+            if problem:
+                raise DataError(f"{path}, line {line}, column {name!r}: {problem}")
+    raise AssertionError("a block of good cells was refused")  # unreachable
+
+
+def _cell_problem(cell: str) -> str | None:
+    """What is wrong with a cell, or None for a finite NUMERAL."""
+    if not cell.strip():
+        return "empty cell; fill it in or remove that row"
+    if _NUMERAL.fullmatch(cell):
+        if math.isfinite(float(cell)):
+            return None
+    elif not _NON_FINITE.fullmatch(cell):
+        return f"{cell!r} is not a number; fix or remove that row"
+    return f"{cell!r} is not a finite number; fill in or remove that row"
+
+
+def _constant(x: np.ndarray) -> np.ndarray:
+    """Which columns of x hold one value only; most differ within the first rows already."""
+    same = (x[:1024] == x[0]).all(axis=0)
+    if same.any():
+        same[same] = (x[:, same] == x[0, same]).all(axis=0)
+    return same
+
+
+def _columns(values: np.ndarray, cols: list[int]) -> np.ndarray:
+    """values[:, cols]: a view where cols are consecutive, as they are by default with the
+    target first or last (copying a million rows costs as much as parsing them)."""
+    if cols == list(range(cols[0], cols[0] + len(cols))):
+        return values[:, cols[0] : cols[0] + len(cols)]
+    return values[:, cols]
 
 
 def keras_split(n: int, test_split: float = 0.2, seed: int = 113) -> tuple[np.ndarray, np.ndarray]:
@@ -169,21 +375,144 @@ class Affine:
         return a * self.scale + self.shift
 
 
-def standardizer(a: np.ndarray) -> Affine:
-    std = a.std(axis=0)  # population std, like Keras examples and sklearn
-    return Affine(a.mean(axis=0), np.where(std > 0, std, 1.0))
+def mean_std(
+    a: np.ndarray, names: Sequence[str] | None = None, what: str = "column"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Population mean and standard deviation of each column (like Keras examples, sklearn).
+
+    Exact in float64 for any finite input: each column is first scaled by the power of two at
+    its largest magnitude, which changes no digit, so nothing squared can overflow (a.std() of a
+    column of 1e200s is inf). In float64's ordinary range the result is bit for bit
+    a.mean(axis=0) and a.std(axis=0). A non-finite value is a DataError naming the column (from
+    names, if given).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.atleast_1d(np.isfinite(a).all(axis=0))
+    if not finite.all():
+        j = int(np.flatnonzero(~finite)[0])
+        raise DataError(f"{_column(names, j, what)}: non-finite values cannot be standardized")
+    _, exp = np.frexp(np.abs(a).max(axis=0))
+    unit = np.ldexp(a, -exp)  # every |value| < 1
+    # The mean lies in the column's range: rounding must not carry it past float64's.
+    mean = np.ldexp(np.clip(unit.mean(axis=0), unit.min(axis=0), unit.max(axis=0)), exp)
+    with np.errstate(over="ignore"):  # (max - min) / 2 at most, but rounding could pass F64MAX
+        std = np.ldexp(unit.std(axis=0), exp)
+    wide = ~np.isfinite(np.atleast_1d(std))
+    if wide.any():
+        j = int(np.flatnonzero(wide)[0])
+        raise DataError(
+            f"{_column(names, j, what)}: values spread too widely to standardize in float64; "
+            "rescale that column"
+        )
+    return mean, std
 
 
-def target_scaler(y: np.ndarray, kind: str, target_range: Sequence[float]) -> Affine:
+def standardizer(a: np.ndarray, names: Sequence[str] | None = None) -> Affine:
+    """x -> (x - mean) / std for each column of a (the training rows), from mean_std; a column
+    of zero spread gets scale 1.
+
+    The model trains in float32, so a column that float32 cannot hold or standardize is
+    refused up front: a DataError naming it (from names, if given). That is a column with values beyond float32's
+    range (3.4e38), or a spread below its smallest normal number (1.2e-38). The standardized
+    rows are then within sqrt(rows) of 0, so they and their squares fit float32 whatever the
+    column; rows not fitted on can be farther (see check_scaled).
+    """
+    return _standardizer(a, names, min_spread=F32_TINY)
+
+
+def _standardizer(
+    a: np.ndarray, names: Sequence[str] | None, min_spread: float, what: str = "column"
+) -> Affine:
+    a = np.asarray(a, dtype=np.float64)
+    mean, std = mean_std(a, names, what)
+    peak = np.atleast_1d(np.abs(a).max(axis=0))
+    if (peak > F32_MAX).any():
+        j = int(np.flatnonzero(peak > F32_MAX)[0])
+        raise DataError(
+            f"{_column(names, j, what)}: values up to {peak[j]:.3g} cannot be standardized in "
+            f"float32 (at most {F32_MAX:.3g}); rescale that column"
+        )
+    # x - shift, in float32: values near both ends of its range are too far apart
+    reach = np.atleast_1d(np.abs(a - mean).max(axis=0))
+    if (reach > F32_MAX).any():
+        j = int(np.flatnonzero(reach > F32_MAX)[0])
+        raise DataError(
+            f"{_column(names, j, what)}: values from {np.atleast_1d(a.min(axis=0))[j]:.3g} to "
+            f"{np.atleast_1d(a.max(axis=0))[j]:.3g} cannot be standardized in float32 "
+            f"(differences of at most {F32_MAX:.3g}); rescale that column"
+        )
+    spread = np.atleast_1d(std)
+    tiny = (spread > 0) & (spread < min_spread)
+    if tiny.any():
+        j = int(np.flatnonzero(tiny)[0])
+        raise DataError(
+            f"{_column(names, j, what)}: values spread by only {spread[j]:.3g} cannot be "
+            f"standardized in float32 (at least {min_spread:.3g}); rescale that column"
+        )
+    return Affine(mean, np.where(std > 0, std, 1.0))
+
+
+def target_scaler(
+    y: np.ndarray, kind: str, target_range: Sequence[float], name: str | None = None
+) -> Affine:
+    """The target's scaler; name (the target column) goes into its error messages.
+
+    Refused up front, as the model trains and reports in float32: targets beyond
+    sqrt(float32 max) = 1.8e19, whose squared errors (the loss unscaled, test/mse always)
+    overflow float32; with minmax, a shift or scale beyond float32's range.
+    """
+    label = f"target column {name!r}" if name else "the target"
+    peak = float(np.abs(y).max())
+    if not peak <= F32_SQRT_MAX:  # test/mse is reported in the target's units, in float32
+        hint = "set data.target_scaling=standard" if kind == "none" else "rescale that column"
+        raise DataError(
+            f"{label}: values up to {peak:.3g} overflow float32 when squared in the MSE "
+            f"loss and test/mse; {hint}"
+        )
     if kind == "none":
         return Affine(0.0, 1.0)
     if kind == "standard":
-        return standardizer(y)
+        # A spread too small for float32 only costs the unscaled target less than itself.
+        return _standardizer(y, name and [name], min_spread=0.0, what="target column")
     lo, hi = target_range
     # Map [min, max] of the training targets onto [lo, hi] (a constant target onto lo).
-    span = y.max() - y.min()
+    y_min, y_max = float(y.min()), float(y.max())
+    span = y_max - y_min  # Python floats: beyond float64, inf and no warning
     scale = (span if span > 0 else 1.0) / (hi - lo)
-    return Affine(y.min() - lo * scale, scale)
+    shift = y_min - lo * scale
+    if not max(-y_min, y_max, abs(shift), scale) <= F32_MAX:
+        raise DataError(
+            f"{label}: values from {y_min:.3g} to {y_max:.3g} mapped onto [{lo:g}, {hi:g}] "
+            f"need shift {shift:.3g} and scale {scale:.3g}, which float32 cannot hold; "
+            "rescale that column"
+        )
+    return Affine(np.float64(shift), np.float64(scale))
+
+
+def check_scaled(scaler: Affine, a: np.ndarray, names: Sequence[str] | None = None) -> None:
+    """Refuse values that scaler takes beyond what the model can train on in float32.
+
+    A scaled value beyond sqrt(float32 max) = 1.8e19 in magnitude has a square (in an MSE loss,
+    a variance) that overflows float32. The rows a standardizer was fitted on never scale that
+    far; other rows (validation, test) can, if far outside the range of those.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = np.asarray(scaler(a)).reshape(len(a), -1)
+    far = ~(np.abs(z) <= F32_SQRT_MAX)  # inf and nan too
+    if far.any():
+        i, j = (int(k[0]) for k in np.nonzero(far))
+        raise DataError(
+            f"{_column(names, j)}: {a.reshape(len(a), -1)[i, j]:.6g} scales to {z[i, j]:.3g}, "
+            "too far from the rows the scaler was fitted on for float32; check that row or "
+            "rescale that column"
+        )
+
+
+def _column(names: Sequence[str] | None, j: int, what: str = "column") -> str:
+    if names:
+        return f"{what} {names[j]!r}"
+    return "the target" if what == "target column" else f"{what} {j}"
 
 
 class EpochBatches:
@@ -317,8 +646,11 @@ class RegressionData(L.LightningDataModule):
                 f"data: target {table.target!r} is constant ({y_fit[0]:g}) on all "
                 f"{len(fit_idx)} training rows; there is nothing to learn, check data.target"
             )
-        self.x_scaler = standardizer(x_fit)
-        self.y_scaler = target_scaler(y_fit, target_scaling, target_range)
+        self.x_scaler = standardizer(x_fit, table.features)
+        self.y_scaler = target_scaler(y_fit, target_scaling, target_range, table.target)
+        # Rows not fitted on (validation, test) can lie far outside the training range.
+        check_scaled(self.x_scaler, table.x, table.features)
+        check_scaled(self.y_scaler, table.y, [table.target])
         self.splits = {
             name: (self._x(table.x[idx]), self._y(table.y[idx]))
             for name, idx in (("train", fit_idx), ("val", val_idx), ("test", test_idx))
