@@ -412,8 +412,9 @@ def standardizer(a: np.ndarray, names: Sequence[str] | None = None) -> Affine:
     of zero spread gets scale 1.
 
     The model trains in float32, so a column that float32 cannot hold or standardize is
-    refused up front: a DataError naming it (from names, if given). That is a column with values beyond float32's
-    range (3.4e38), or a spread below its smallest normal number (1.2e-38). The standardized
+    refused up front: a DataError naming it (from names, if given). That is a column with
+    values beyond float32's range (3.4e38), or a spread below its smallest normal number
+    (1.2e-38). The standardized
     rows are then within sqrt(rows) of 0, so they and their squares fit float32 whatever the
     column; rows not fitted on can be farther (see check_scaled).
     """
