@@ -106,6 +106,9 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     the sweep goes on (its summary lists it); alone, it exits non-zero with one line."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     quiet_known_warnings()
+    # The job's log file sits in the job dir: on a full disk, a failed write to it must not
+    # print a stack trace (the error line still reaches the console).
+    logging.raiseExceptions = False
     try:
         metrics = train(cfg)
     except Interrupted as e:  # stops a sweep too: Ctrl-C means stop
