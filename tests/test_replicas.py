@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from housing_reg.train import train
 
-from conftest import FAST, job_dirs, read_metrics, replicas, run_cli, scalars
+from conftest import FAST, job_dirs, need, read_metrics, replicas, run_cli, scalars
 
 
 def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
@@ -45,10 +44,8 @@ def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
     assert np.load(tmp_path / "many" / "replicas.npz")["test_pred"].shape == (3, 102)
 
 
-@pytest.mark.skipif(
-    not find_spec("hydra_plugins.hydra_joblib_launcher"), reason="needs the joblib extra"
-)
 def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path: Path):
+    need("hydra_plugins.hydra_joblib_launcher", "joblib")
     proc = run_cli("-m", "hydra/launcher=parallel", "head=none,sigmoid", *FAST, cwd=tmp_path)
     assert "Joblib.Parallel(n_jobs=" in proc.stderr + proc.stdout
     jobs = job_dirs(tmp_path / "multirun")
