@@ -48,10 +48,16 @@ def check_sweep(sweep: Path, heads: list[str]) -> None:
 
 
 def summary_heads(stdout: str) -> list[str]:
-    """The head column of the table SweepSummary prints when a sweep ends."""
+    """The head column of the table cli.Sweep prints when a sweep ends (head, train MAE,
+    test MAE; one row per finished job, then a blank line)."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["job", "head"])
-    return [line.split()[1] for line in lines[start + 1 :] if line[:1].isdigit()]
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["head"])
+    heads = []
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        heads.append(line.split()[0])
+    return heads
 
 
 # -- Ray ------------------------------------------------------------------------------------
