@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's Results, end to end: 4 heads x 10 seeds x 4 folds, the target-scaling sweep
+# docs/results.md, end to end: 4 heads x 10 seeds x 4 folds, the target-scaling sweep
 # (6 heads x none/standard/minmax[0,1]/minmax[-1,1], same seeds and folds), then both reports.
 # Seeds run as vectorized replicas (replica r of a job is seed r); usage: scripts/study.sh [DIR]
 set -euo pipefail

@@ -5,6 +5,7 @@ from __future__ import annotations
 import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_installs_and_trains_outside_the_repo(tmp_path: Path):
     dist = tmp_path / "dist"
-    subprocess.run(
+    build = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -20,14 +21,24 @@ def test_wheel_installs_and_trains_outside_the_repo(tmp_path: Path):
             "wheel",
             "--no-deps",
             "--no-build-isolation",
-            "-q",
+            "-v",  # shows setuptools' own warnings
             "-w",
             str(dist),
             str(ROOT),
         ],
         check=True,
+        text=True,
+        capture_output=True,
     )
+    # A conf/ folder missing from pyproject's `packages` list: setuptools warns on every
+    # `pip install -e`, and would stop shipping it.
+    assert "is absent from the `packages` configuration" not in build.stdout + build.stderr
     wheel = next(dist.glob("housing_reg-*.whl"))
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    conf = {
+        f"housing_reg/conf/{p.relative_to(ROOT / 'conf')}" for p in (ROOT / "conf").rglob("*.yaml")
+    }
+    assert conf <= shipped, sorted(conf - shipped)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"

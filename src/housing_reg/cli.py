@@ -4,6 +4,7 @@ run says when it ends, and the sweep's summary, lock and resume hints.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -273,6 +274,14 @@ def unlock(sweep_dir: Path) -> None:
             path.unlink()
     except (OSError, ValueError):
         pass
+
+
+def release(sweep_dir: Path) -> None:
+    """Unlock a sweep that stops before its first job, and remove its directory if that left
+    it empty: a refused sweep leaves nothing behind."""
+    unlock(sweep_dir)
+    with contextlib.suppress(OSError):  # not empty (an earlier sweep's jobs), or gone
+        sweep_dir.rmdir()
 
 
 def alive(pid: int) -> bool:

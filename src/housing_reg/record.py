@@ -181,8 +181,9 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, A
         "hidden": "x".join(map(str, c["model"]["hidden"])),
         "replicas": c["model"]["replicas"],
         "target_scaling": c["data"]["target_scaling"],
-        "fold": c["data"]["fold"],
     }
+    if c["data"]["num_folds"]:  # without folds, data.fold means nothing: no "fold 0.0000" column
+        hp["fold"] = c["data"]["fold"]
     names = [k for k in METRICS if k in metrics]
     writer = trainer.logger.experiment
     for summary in hparams(hp, {k: metrics[k] for k in names}):
@@ -203,7 +204,10 @@ def log_pred_vs_true(
     title = f"{data.dataset}: {c['head']['name']}, {scaling} targets, {seeds}{fold}"
     fig = pred_vs_true_figure(true, pred, title, data.target_label, data.target_unit)
     writer = trainer.logger.experiment
-    writer.add_image("test/pred_vs_true", figure_rgb(fig), dataformats="HWC")
+    # At the last optimizer step, like the test scalars (not at step 0, before any training).
+    writer.add_image(
+        "test/pred_vs_true", figure_rgb(fig), global_step=trainer.global_step, dataformats="HWC"
+    )
     writer.flush()
 
 

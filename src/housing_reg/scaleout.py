@@ -20,6 +20,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from housing_reg.cli import release
+
 
 class RayDriver(Callback):
     """Prepares the driver for hydra-ray-launcher (Ray 2.x), before it calls ray.init.
@@ -91,6 +93,7 @@ class RequireValidation(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         data = config.data
         if data.num_folds < 2 and data.val_fraction <= 0:
+            release(Path(config.hydra.sweep.dir))  # cli.Sweep locked it a moment ago
             sys.exit(
                 "error: hparams_search minimizes val/mae, but data.val_fraction="
                 f"{data.val_fraction} and data.num_folds={data.num_folds} leave no validation "

@@ -38,7 +38,7 @@ def build(cfg: DictConfig) -> tuple[RegressionData, Regressor, L.Trainer, JobRec
     L.seed_everything(cfg.seed, verbose=False)
     data: RegressionData = create(cfg.data, seeds=replica_seeds(cfg.seed, cfg.model.replicas))
     model: Regressor = create(
-        cfg.model,
+        model_settings(cfg),
         _convert_="all",  # plain lists in the checkpoint's hyperparameters
         head=create(cfg.head.activation),
         optimizer=create(cfg.optim),
@@ -55,6 +55,14 @@ def build(cfg: DictConfig) -> tuple[RegressionData, Regressor, L.Trainer, JobRec
         limit_val_batches=1.0 if data.has_validation else 0,  # 0: no validation loop at all
     )
     return data, model, trainer, recorder
+
+
+def model_settings(cfg: DictConfig) -> DictConfig:
+    """cfg.model, resolved, without `width`: hparams_search=optuna searches model.width and
+    sets model.hidden from it, and the model takes only hidden."""
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    node.pop("width", None)
+    return OmegaConf.create(node)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

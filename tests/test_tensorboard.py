@@ -1,0 +1,69 @@
+"""TensorBoard, served for real on loopback, shows a sweep at a glance: train and test
+scalars against the optimizer step (no `epoch` card), one image per run at the last step,
+and the HPARAMS table."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.error import URLError
+from urllib.parse import urlencode
+from urllib.request import urlopen
+
+from conftest import FAST, job_dirs, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_shows_every_scalar_by_optimizer_step(tmp_path: Path):
+    run_cli("-m", "head=none,sigmoid", *FAST, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    runs = [j.name for j in job_dirs(tmp_path / "sweep")]
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "sweep")]
+        + ["--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def get(path: str, **query: str):
+        url = f"http://127.0.0.1:{port}/data/{path}" + (f"?{urlencode(query)}" if query else "")
+        with urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline, tags = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:  # until both runs are loaded, whole
+            try:
+                tags = get("plugin/scalars/tags")
+                images = get("plugin/images/tags")
+                if sorted(tags) == runs and sorted(images) == runs:
+                    break
+            except (URLError, ConnectionError):
+                pass  # not listening yet
+            time.sleep(0.5)
+        assert sorted(tags) == runs, tags
+        steps_per_epoch = 404  # batch size 1
+        for run in runs:
+            assert sorted(tags[run]) == ["test/mae", "test/mse", "train/loss", "train/mae"]
+            for tag, steps in {
+                "train/mae": [steps_per_epoch, 2 * steps_per_epoch],
+                "train/loss": [steps_per_epoch, 2 * steps_per_epoch],
+                "test/mae": [2 * steps_per_epoch],
+            }.items():
+                points = get("plugin/scalars/scalars", run=run, tag=tag)
+                assert [step for _, step, _ in points] == steps, (run, tag)
+            image = get("plugin/images/images", run=run, tag="test/pred_vs_true", sample="0")
+            assert [i["step"] for i in image] == [2 * steps_per_epoch]
+        assert get("plugins_listing")["hparams"]["enabled"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
