@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_module
 from torch import nn
 
 from housing_reg.data import RegressionData
-from housing_reg.model import Regressor, StackedMLP
+from housing_reg.model import StackedMLP
 from housing_reg.train import build
 
 EPOCHS = 7
@@ -89,16 +89,6 @@ def lightning_floor(epochs: int = EPOCHS) -> float:
     start = time.perf_counter()
     trainer.fit(EmptyStep(), train_dataloaders=data.train_dataloader())
     return (time.perf_counter() - start) / (epochs * 404) * 1e6
-
-
-def without_setattr_bypass(*overrides: str) -> float:
-    """lightning_fit with Regressor's __setattr__ bypass removed: what the bypass gains."""
-    bypass = Regressor.__setattr__
-    Regressor.__setattr__ = L.LightningModule.__setattr__
-    try:
-        return lightning_fit(*overrides)
-    finally:
-        Regressor.__setattr__ = bypass
 
 
 def lightning_fit(*overrides: str) -> float:
@@ -207,7 +197,6 @@ def main() -> None:
         "Lightning floor: empty training_step": (lightning_floor,),
         "plain loop, stacked model (R=1)": (plain_stacked, 1, "cpu", EPOCHS),
         "housing_reg Lightning fit": (lightning_fit, quiet),
-        "  same, without the __setattr__ bypass": (without_setattr_bypass, quiet),
         "  same, data.steps_per_block=1": (lightning_fit, quiet, "data.steps_per_block=1"),
         "replicas=1": (lightning_fit, quiet, "model.replicas=1"),
         "replicas=10": (lightning_fit, quiet, "model.replicas=10"),

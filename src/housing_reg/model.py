@@ -105,15 +105,6 @@ class Regressor(L.LightningModule):
         self.results: dict[str, torch.Tensor] = {}  # per replica, see module docstring
         self._epoch: list[Batch] = []
 
-    def __setattr__(self, name: str, value: object) -> None:
-        # Lightning sets this string around every hook it calls, several times per optimizer
-        # step; nn.Module.__setattr__'s parameter/buffer bookkeeping on it cost 8-10% of a
-        # training step (scripts/bench.py, row "same, without the __setattr__ bypass").
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     @property
     def replicas(self) -> int:
         return self.net.replicas
