@@ -336,8 +336,12 @@ def test_csv_without_unit_gets_no_boston_words(tmp_path: Path):
 
 
 def test_scaling_sweep_has_a_scaling_column_and_compares_scalings(tmp_path: Path):
-    run_cli("-m", "head=sigmoid", "data.target_scaling=none,minmax", "model.replicas=2", *FAST,
-            f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+    sweep = run_cli("-m", "head=sigmoid", "data.target_scaling=none,minmax", "model.replicas=2",
+                    *FAST, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+    # The sweep's own table: a column for what varied, by its short name, and no job names.
+    table = sweep.stdout[sweep.stdout.index("target_scaling ") :].splitlines()
+    assert table[0].split() == ["target_scaling", "train", "MAE", "test", "MAE"]
+    assert [row.split()[0] for row in table[1:3]] == ["none", "minmax"]
     md = run_cli(str(tmp_path), module="housing_reg.report", cwd=tmp_path).stdout
     header, rows = read_table(md)
     assert header[:3] == ["head", "scaling", "runs"]
