@@ -57,6 +57,7 @@ class JobRecorder(Checkpoint):
         self.checkpoint_every = checkpoint_every
         self.history: dict[str, list[list[float]]] = {"train/mae": [], "val/mae": []}
         self.fit_seconds: list[float] = []  # one entry per fit session; a resumed job has two+
+        self.metrics: dict[str, Any] = {}  # metrics.json's contents, once the job has tested
         self._start = 0.0
 
     # -- state carried by checkpoints ----------------------------------------------------------
