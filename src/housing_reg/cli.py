@@ -53,6 +53,10 @@ def start(main: Callable[[], Any]) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except CompactHydraException as e:  # a config error: Hydra's own short message
         sys.exit(f"error: {' '.join(str(e).split())}")
     except OSError as e:
