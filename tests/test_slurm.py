@@ -132,11 +132,18 @@ def test_four_heads_land_through_slurm(slurm: dict[str, str], tmp_path: Path):
         assert any(line.split()[:1] == [head] for line in proc.stdout.splitlines()), head
 
     # What submitit asks (sacct), answered: each job of the array completed, on our node.
+    # A job's result file can land before slurmdbd records its end: wait up to 60 s for it.
     array = array_id(tmp_path / "sweep")
-    states = slurm_cmd(
-        "sacct", "-X", "-n", "-P", "-o", "JobID,State,NodeList", "-j", array, env=slurm
-    ).split()
-    assert sorted(states) == [f"{array}_{i}|COMPLETED|localnode" for i in range(4)]
+    expected = [f"{array}_{i}|COMPLETED|localnode" for i in range(4)]
+    deadline = time.monotonic() + 60
+    while True:
+        states = slurm_cmd(
+            "sacct", "-X", "-n", "-P", "-o", "JobID,State,NodeList", "-j", array, env=slurm
+        ).split()
+        if sorted(states) == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert sorted(states) == expected
     for noise in NOISE:
         assert noise not in out
 
