@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg.record import find_jobs, read_job, write_failure
+from housing_reg.record import find_jobs, read_job, short_names, write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
 from hydra_plugins.housing_reg_launcher import ForkLauncher
 
@@ -328,7 +328,7 @@ def summarize(sweep_dir: Path) -> tuple[str, list[str]]:
     keys = list(dict.fromkeys(k for o in every for k in o))
     varying = [k for k in keys if len({o.get(k) for o in every}) > 1] or keys[:1]
     names = short_names(varying)
-    header = [*names, "train MAE", "test MAE"]
+    header = [*(names[k] for k in varying), "train MAE", "test MAE"]
     cells = [
         [o.get(k, "") for k in varying] + [f"{m['train/mae']:.3f}", f"{m['test/mae']:.3f}"]
         for o, m in rows
@@ -356,9 +356,3 @@ def task_overrides(job: Path) -> dict[str, str]:
         if key.lstrip("+~") not in ("resume", "ckpt_path", "callbacks.progress_bar.refresh_rate"):
             out[key.lstrip("+~")] = value
     return out
-
-
-def short_names(keys: list[str]) -> list[str]:
-    """Each key by its last part (data.target_scaling -> target_scaling), unless two clash."""
-    last = [k.rsplit(".", 1)[-1].rsplit("/", 1)[-1] for k in keys]
-    return [s if last.count(s) == 1 else k for s, k in zip(last, keys, strict=True)]

@@ -21,7 +21,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -159,10 +159,10 @@ def training_settings(config: dict[str, Any]) -> dict[str, Any]:
     where output goes, how it is shown and how the job was (re)started."""
     free = ("output_dir", "resume", "ckpt_path", "checkpoint_every", "callbacks", "logger")
     settings = {k: v for k, v in config.items() if k not in free}
+    trainer = config.get("trainer", {})
     settings["trainer"] = {
-        k: v for k, v in config.get("trainer", {}).items() if k not in ("max_epochs",)
+        k: v for k, v in trainer.items() if k not in ("max_epochs", "default_root_dir")
     }
-    settings["trainer"].pop("default_root_dir", None)
     return settings
 
 
@@ -282,6 +282,22 @@ def write_failure(out: Path, status: str, error: BaseException, config: dict[str
     """failure.json beside whatever the job already holds (a good metrics.json stays)."""
     record = {"status": status, "error": f"{type(error).__name__}: {error}", "config": config}
     write_json(out / "failure.json", record)
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """What a table (the sweep's summary, the report's) calls each setting: head.name -> head,
+    optim.lr -> lr, optim._target_ -> optim, hydra/launcher -> launcher; the full key where
+    two short names would collide."""
+
+    def short(k: str) -> str:
+        if k == "head.name":
+            return "head"
+        if k.endswith("._target_"):
+            return k.rsplit(".", 2)[-2]
+        return k.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+
+    names = [short(k) for k in keys]
+    return {k: n if names.count(n) == 1 else k for k, n in zip(keys, names, strict=True)}
 
 
 # -- the one reader --------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from housing_reg.figures import (
     settings_order,
     units,
 )
-from housing_reg.record import find_jobs
+from housing_reg.record import find_jobs, short_names
 from housing_reg.stats import (  # noqa: F401 (t_quantile, t_two_sided: part of this API)
     NO_CI,
     Difference,
@@ -205,21 +205,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
     return out
-
-
-def short_names(keys: Sequence[str]) -> dict[str, str]:
-    """What a table calls each setting: head.name -> head, optim.lr -> lr, optim._target_ ->
-    optim; the full key where two short names would collide."""
-
-    def short(k: str) -> str:
-        if k == "head.name":
-            return "head"
-        if k.endswith("._target_"):
-            return k.rsplit(".", 2)[-2]
-        return k.rsplit(".", 1)[-1]
-
-    names = [short(k) for k in keys]
-    return {k: n if names.count(n) == 1 else k for k, n in zip(keys, names, strict=True)}
 
 
 def shown_value(key: str, value: Any) -> str:
