@@ -1,4 +1,4 @@
-"""CSV loading speed and memory: housing_reg.data.load_csv against np.loadtxt, in one run.
+"""CSV loading speed and memory: housing_reg.csvfile.load_csv against np.loadtxt, in one run.
 
     python scripts/bench_csv.py [--rows 1000000] [--repeats 3] [--exact] [--out bench_csv.json]
 
@@ -69,7 +69,7 @@ def child(method: str, path: str, mode: str) -> dict:
 
     import numpy as np
 
-    from housing_reg import data
+    from housing_reg import csvfile
 
     if method == "np.loadtxt":
 
@@ -78,11 +78,11 @@ def child(method: str, path: str, mode: str) -> dict:
 
     else:
         if method == "load_csv exact path":
-            data._fast_body = lambda *args: None  # every file takes the exact path
+            csvfile._fast_body = lambda *args: None  # every file takes the exact path
         features = COLUMNS[:-1]
 
         def load():
-            table = data.load_csv(path, "MEDV", features)
+            table = csvfile.load_csv(path, "MEDV", features)
             assert table.x.shape[1] == 13
             return table
 

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from housing_reg import data
+from housing_reg import csvfile
 from housing_reg.cli import check_choices
-from housing_reg.data import DataError, load_csv
+from housing_reg.csvfile import DataError, load_csv
 from housing_reg.settings import USER_ERRORS, ConfigError
 from housing_reg.train import train
 
@@ -365,7 +365,7 @@ def test_loader_never_crashes(data: bytes, target: str) -> None:
 # -- the fast path (np.loadtxt) and the exact path (csv module, cell by cell) agree ------------
 def load_exactly(path: Path, target: str) -> object:
     """load_csv's outcome with its fast path off: every row through the csv module."""
-    with mock.patch.object(data, "_fast_body", lambda *args: None):
+    with mock.patch.object(csvfile, "_fast_body", lambda *args: None):
         return outcome(path, target)
 
 
@@ -435,7 +435,7 @@ def test_of_numeral_characters_float_and_loadtxt_take_exactly_the_numerals(cell:
         by_loadtxt = float(row[0])
     except ValueError:
         by_loadtxt = None
-    is_numeral = re.fullmatch(data.NUMERAL, cell) is not None
+    is_numeral = re.fullmatch(csvfile.NUMERAL, cell) is not None
     assert (by_float is not None) == (by_loadtxt is not None) == is_numeral
     if is_numeral:
         assert np.float64(by_float).tobytes() == np.float64(by_loadtxt).tobytes()
@@ -444,7 +444,7 @@ def test_of_numeral_characters_float_and_loadtxt_take_exactly_the_numerals(cell:
 def test_plain_csv_takes_the_fast_path_and_the_rest_the_exact_one(tmp_path: Path):
     plain = tmp_path / "plain.csv"
     plain.write_text(csv_text().replace("\n", "\r\n"))
-    with mock.patch.object(data, "_exact_body", side_effect=AssertionError("exact path")):
+    with mock.patch.object(csvfile, "_exact_body", side_effect=AssertionError("exact path")):
         table = load_csv(plain, "y")
         load_csv(None)
     # Quoted numbers, a row of blanks, old Mac line breaks, a BOM: the csv module's business.
@@ -487,4 +487,4 @@ def test_fields_past_the_csv_modules_size_limit_are_refused_on_both_paths(tmp_pa
         raw, limit = bytes(raw.astype(np.uint8)), int(rng.integers(1, 40))
         lines = raw.split(b"\n")
         longest = max([len(line) + 1 for line in lines[:-1]] + [len(lines[-1])])
-        assert data._has_long_line(raw, 0, limit) == (longest > limit)
+        assert csvfile._has_long_line(raw, 0, limit) == (longest > limit)

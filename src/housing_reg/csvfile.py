@@ -1,0 +1,336 @@
+"""Read a numeric CSV with a header row into float64 arrays; every failure is one line.
+
+np.loadtxt parses any body that can hold nothing but numerals; the csv module reads the rest
+and names the first bad line and column. What neither does alone is here: the one-line
+messages, strict numerals (no nan, inf, 1_000 or hex), and which path a file takes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+
+BOSTON_CSV = Path(str(files("housing_reg") / "datasets" / "boston.csv"))
+
+
+class DataError(ValueError):
+    """Bad input data or data settings; the message says what, where and how to fix it."""
+
+    def __init__(self, message: str):
+        # A quoted header or cell may hold a line break; the message stays one line.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+@dataclass(frozen=True)
+class Table:
+    x: np.ndarray  # (rows, features) float64
+    y: np.ndarray  # (rows,) float64
+    features: tuple[str, ...]
+    target: str
+
+
+# What a cell may hold: an optional sign, digits with an optional decimal point (or a point and
+# digits), an optional exponent; ASCII spaces and tabs around it are ignored. Nothing else that
+# float() takes: no digit separators (1_000), no non-ASCII digits or spaces, no words (nan and
+# inf are refused as not finite), no hex.
+NUMERAL = r"[ \t]*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*"
+_NUMERAL = re.compile(NUMERAL)
+_NON_FINITE = re.compile(r"[ \t]*[+-]?(?:nan|inf|infinity)[ \t]*", re.IGNORECASE)
+# What numerals are made of. Of strings of these, float() and np.loadtxt take exactly the
+# NUMERALs (no letters for nan or inf, no _, no other blanks), to the same correctly rounded
+# float64: so strings of these need no NUMERAL match, only a parse.
+_NUMERAL_BYTES = b"0123456789+-.eE \t"
+# A body of numerals, commas and line breaks: ASCII, so there is nothing to decode, and no
+# quote, so the csv module would split it where np.loadtxt does.
+_NUMERIC_BYTES = _NUMERAL_BYTES + b",\r\n"
+_EOL = re.compile(rb"\r\n?|\n")  # a line break, for open(newline="") and the csv module
+_NOT_EOL = re.compile(rb"[^\r\n]")
+_BLOCK_ROWS = 4096  # rows the exact path converts at a time
+
+
+def load_csv(
+    path: str | Path | None,
+    target: str = "MEDV",
+    features: Sequence[str] | None = None,
+    allow_constant: bool = False,
+) -> Table:
+    """Read a numeric CSV with a header row; every failure is a one-line DataError.
+
+    path None is the bundled Boston file. Every cell must be a numeral (see NUMERAL); messages
+    give the file's own line numbers, blank lines counted. Constant feature columns are refused
+    unless allow_constant (rows to predict on, not to fit a standardizer on): their standard
+    deviation is 0, and dividing by it is undefined.
+
+    A body that can hold nothing but numerals is parsed by np.loadtxt (_fast_body); any other,
+    and any that loadtxt refuses, is read by the csv module and checked cell by cell
+    (_exact_body), which names the first bad line and column. The first problem in the file is
+    the one reported: bytes that are not UTF-8, then the header, then the rows in order.
+    """
+    path = _csv_path(path)
+    raw, odd = _read(path)
+    header, header_lines, body_start = _header(raw, path)
+    if all(_is_number(h) for h in header):
+        raise DataError(
+            f"{path}: first row {','.join(header[:4])}... is numeric, not a "
+            "header; add a header row naming the columns"
+        )
+    if len(set(header)) != len(header) or "" in header:
+        raise DataError(
+            f"{path}: header has empty or duplicate column names: "
+            f"{','.join(header)}; give every column a unique name"
+        )
+    if target not in header:
+        raise DataError(
+            f"{path}: target column {target!r} not found; set data.target to "
+            f"one of: {', '.join(header)}"
+        )
+    if features is None:
+        features = [h for h in header if h != target]
+    features = list(features)
+    missing = [c for c in features if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}: feature column(s) {', '.join(missing)} not found; "
+            f"data.features must name columns among: {', '.join(header)}"
+        )
+    if target in features or not features:
+        raise DataError(
+            f"{path}: data.features must name at least one column other than the target {target!r}"
+        )
+    values = _fast_body(raw, odd, body_start, len(header))
+    if values is not None and not np.isfinite(values).all():
+        values = None  # a numeral beyond float64: the exact path names its line and column
+    if values is None:
+        values = _exact_body(raw, body_start, header_lines, header, path)
+    del raw
+    x = _columns(values, [header.index(c) for c in features])
+    constant = [c for c, same in zip(features, _constant(x), strict=True) if same]
+    if constant and not allow_constant:
+        raise DataError(
+            f"{path}: feature column(s) {', '.join(constant)} are constant and "
+            "cannot be standardized; leave them out with data.features=[...]"
+        )
+    return Table(x, values[:, header.index(target)], tuple(features), target)
+
+
+def _is_number(s: str) -> bool:
+    """Whether float() takes s, nan and 1_000 included: lenient, to tell a first row of data
+    from a header (cells are held to NUMERAL)."""
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_path(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        return BOSTON_CSV
+    if isinstance(path, str) and not path.strip():
+        raise DataError("data.path is empty; set it to a CSV file, or to null for the bundled data")
+    if not isinstance(path, str | os.PathLike):
+        raise DataError(
+            f"data.path={path!r} is not a file path; set it to a CSV file, or to null for the "
+            "bundled data"
+        )
+    return Path(path)
+
+
+def _read(path: Path) -> tuple[bytes, bytes]:
+    """The file's bytes, all of them checked to be UTF-8 before anything is made of them; and
+    those of them that are not _NUMERIC_BYTES, in order."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; set data.path to an existing CSV") from None
+    except OSError as e:
+        raise DataError(
+            f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
+        ) from None
+    odd = raw.translate(None, _NUMERIC_BYTES)
+    if not odd.isascii():
+        decoder, view, step = codecs.getincrementaldecoder("utf-8")(), memoryview(raw), 1 << 20
+        try:
+            for i in range(0, len(raw), step):  # a piece at a time: no copy of the whole file
+                decoder.decode(view[i : i + step])
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
+            ) from None
+    return raw, odd
+
+
+def _header(raw: bytes, path: Path) -> tuple[list[str], int, int]:
+    """The first record with something in it, its cells stripped; the number of lines up to
+    its end, and the byte offset after it."""
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark
+    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""))
+    try:
+        row = next((r for r in reader if "".join(r).strip()), None)
+    except csv.Error as e:
+        raise DataError(
+            f"{path}, line {reader.line_num}: not a valid CSV ({e}); fix the file"
+        ) from None
+    if row is None:
+        raise DataError(f"{path}: file is empty; expected a header row and numeric rows")
+    start = 0
+    for _ in range(reader.line_num):
+        eol = _EOL.search(raw, start)
+        start = eol.end() if eol else len(raw)
+    return [h.strip() for h in row], reader.line_num, start
+
+
+def _fast_body(raw: bytes, odd: bytes, start: int, ncols: int) -> np.ndarray | None:
+    """The rows from byte `start` on, parsed by np.loadtxt; None where the csv module and
+    NUMERAL might not agree with it, for the exact path to decide.
+
+    Taken only where every byte is a digit, sign, point, e or E, space, tab, comma or line
+    break: then the csv module splits rows and cells where loadtxt does, and the cells loadtxt
+    takes are exactly the NUMERALs, parsed to the same correctly rounded float64 as float().
+    Whatever loadtxt refuses goes to the exact path: a bad cell, a row of spaces (blank to the
+    csv module), a lone \\r line break, a row of the wrong length.
+    """
+    if len(odd) != len(raw[:start].translate(None, _NUMERIC_BYTES)):
+        return None  # odd bytes after the header
+    if not _NOT_EOL.search(raw, start):
+        return None  # no rows at all
+    if _has_long_line(raw, start, csv.field_size_limit()):
+        return None  # it may hold a field longer than the csv module takes
+    stream = io.BytesIO(raw)  # shares raw's bytes
+    stream.seek(start)
+    try:
+        values = np.loadtxt(
+            stream,
+            dtype=np.float64,
+            delimiter=",",
+            comments=None,
+            quotechar=None,
+            ndmin=2,
+            encoding="latin-1",
+        )
+    except ValueError:
+        return None
+    return values if values.shape[1] == ncols and len(values) else None
+
+
+def _has_long_line(raw: bytes, start: int, limit: int) -> bool:
+    """Whether a line from `start` on is longer than limit bytes (its \n counted)."""
+    # Such a line holds a whole window of limit // 2 bytes with no \n in it: where there is
+    # none, a few memchr calls tell. Otherwise, count.
+    half = max(limit // 2, 1)
+    if all(raw.find(b"\n", i, i + half) >= 0 for i in range(start, len(raw) - half + 1, half)):
+        return False
+    u = np.frombuffer(raw, dtype=np.uint8)
+    longest, last = 0, start - 1  # last: where the line before ended
+    step = 1 << 23
+    for i in range(start, len(u), step):
+        breaks = np.flatnonzero(u[i : i + step] == ord("\n")) + i
+        if len(breaks):
+            longest = max(longest, int(breaks[0]) - last, int(np.diff(breaks).max(initial=0)))
+            last = int(breaks[-1])
+    return max(longest, len(u) - 1 - last) > limit
+
+
+def _exact_body(raw: bytes, start: int, line0: int, header: list[str], path: Path) -> np.ndarray:
+    """The rows from byte `start` on (line line0 + 1), read by the csv module and checked
+    cell by cell; the first bad row or cell is a DataError naming its line (and column).
+
+    Rows go in blocks: a block whose cells hold nothing but _NUMERAL_BYTES goes through float()
+    at once, and only a block that has a bad cell is gone through again, cell by cell, to find
+    the first.
+    """
+    stream = io.BytesIO(raw)
+    stream.seek(start)
+    reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
+    ncols = len(header)
+    blocks: list[np.ndarray] = []
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    try:
+        for row in reader:
+            if not "".join(row).strip():
+                continue  # blank lines carry nothing
+            line = line0 + reader.line_num
+            if len(row) != ncols:
+                _block(rows, lines, header, path)  # a bad cell above this row comes first
+                raise DataError(
+                    f"{path}, line {line}: {len(row)} fields but the header has "
+                    f"{ncols}; make every row as long as the header"
+                )
+            rows.append(row)
+            lines.append(line)
+            if len(rows) == _BLOCK_ROWS:
+                blocks.append(_block(rows, lines, header, path))
+                rows, lines = [], []
+    except csv.Error as e:
+        _block(rows, lines, header, path)
+        raise DataError(
+            f"{path}, line {line0 + reader.line_num}: not a valid CSV ({e}); fix the file"
+        ) from None
+    blocks.append(_block(rows, lines, header, path))
+    values = np.concatenate(blocks)
+    if not len(values):
+        raise DataError(f"{path}: header but no data rows; add numeric rows")
+    return values
+
+
+def _block(rows: list[list[str]], lines: list[int], header: list[str], path: Path) -> np.ndarray:
+    """Rows as long as the header -> (rows, columns) float64, or the first bad cell's
+    DataError."""
+    if not rows:
+        return np.empty((0, len(header)))
+    cells = [c for row in rows for c in row]
+    joined = "".join(cells)
+    if joined.isascii() and not joined.encode().translate(None, _NUMERAL_BYTES):
+        try:
+            values = np.fromiter(map(float, cells), np.float64, len(cells))
+        except ValueError:  # not a numeral, as "", "1e" or "+-1"
+            pass
+        else:
+            if np.isfinite(values).all():
+                return values.reshape(len(rows), len(header))
+    for row, line in zip(rows, lines, strict=True):
+        for name, cell in zip(header, row, strict=True):
+            problem = _cell_problem(cell)
+            if problem:
+                raise DataError(f"{path}, line {line}, column {name!r}: {problem}")
+    raise AssertionError("a block of good cells was refused")  # unreachable
+
+
+def _cell_problem(cell: str) -> str | None:
+    """What is wrong with a cell, or None for a finite NUMERAL."""
+    if not cell.strip():
+        return "empty cell; fill it in or remove that row"
+    if _NUMERAL.fullmatch(cell):
+        if math.isfinite(float(cell)):
+            return None
+    elif not _NON_FINITE.fullmatch(cell):
+        return f"{cell!r} is not a number; fix or remove that row"
+    return f"{cell!r} is not a finite number; fill in or remove that row"
+
+
+def _constant(x: np.ndarray) -> np.ndarray:
+    """Which columns of x hold one value only; most differ within the first rows already."""
+    same = (x[:1024] == x[0]).all(axis=0)
+    if same.any():
+        same[same] = (x[:, same] == x[0, same]).all(axis=0)
+    return same
+
+
+def _columns(values: np.ndarray, cols: list[int]) -> np.ndarray:
+    """values[:, cols]: a view where cols are consecutive, as they are by default with the
+    target first or last (copying a million rows costs as much as parsing them)."""
+    if cols == list(range(cols[0], cols[0] + len(cols))):
+        return values[:, cols[0] : cols[0] + len(cols)]
+    return values[:, cols]
