@@ -27,6 +27,7 @@ import yaml
 from hydra import compose, initialize_config_module
 
 import housing_reg.train as train_module
+from housing_reg.cli import register_launchers
 from housing_reg.scaleout import is_loopback, prepare_ray_env
 
 from conftest import job_dirs, need, read_metrics, run_cli, scalars
@@ -281,6 +282,7 @@ def test_submitit_local_sweep(tmp_path: Path):
 
 def test_slurm_preset_settings_are_overridable():
     need("hydra_plugins.hydra_submitit_launcher", "slurm")
+    register_launchers()  # as the CLI does: stores the launcher's schema, base_slurm
     with initialize_config_module("housing_reg.conf", version_base="1.3"):
         cfg = compose(
             "config",
@@ -290,13 +292,16 @@ def test_slurm_preset_settings_are_overridable():
                 "hydra.launcher.timeout_min=30",
                 "hydra.launcher.cpus_per_task=2",
                 "hydra.launcher.gpus_per_node=1",
+                "hydra.launcher.poll_s=30",
             ],
             return_hydra_config=True,
         )
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.housing_reg_launcher.slurm.SlurmLauncher"
     assert (launcher.partition, launcher.timeout_min) == ("gpu", 30)
     assert (launcher.cpus_per_task, launcher.gpus_per_node) == (2, 1)
+    assert (launcher.poll_s, launcher.result_wait_s) == (30, 15)
+    assert "slurm_driver" not in cfg.hydra.callbacks  # the launcher does it all
 
 
 # -- Optuna ---------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ SLURM = [
     "-m",
     "hydra/launcher=slurm",
     # Poll sacct every second, and do not wait for results a network filesystem shows late.
-    "+hydra.callbacks.slurm_driver.poll_s=1",
-    "+hydra.callbacks.slurm_driver.result_wait_s=1",
+    "hydra.launcher.poll_s=1",
+    "hydra.launcher.result_wait_s=1",
 ]
 HEADS = ["relu", "none", "sigmoid", "tanh"]
 NOISE = ("Bypassing sacct error", "accounting storage is disabled", "Traceback")

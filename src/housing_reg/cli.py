@@ -39,9 +39,7 @@ class Interrupted(RuntimeError):
 def start(main: Callable[[], Any]) -> None:
     """`python -m housing_reg.train`: a one-line check of group choices, then Hydra's app."""
     sys.argv[1:] = quote_paths(sys.argv[1:])
-    # hydra/launcher=parallel's launcher; an editable install hides src/hydra_plugins from
-    # Hydra's own plugin scan, so it is registered here (a no-op when the scan found it).
-    Plugins.instance().register(ForkLauncher)
+    register_launchers()
     try:
         check_choices(sys.argv[1:])
         check_output_dirs(sys.argv[1:])
@@ -61,6 +59,20 @@ def start(main: Callable[[], Any]) -> None:
         sys.exit(f"error: {' '.join(str(e).split())}")
     except OSError as e:
         stopped(f"{type(e).__name__}: {e}")
+
+
+def register_launchers() -> None:
+    """This package's launchers: hydra/launcher=parallel's and, with the `slurm` extra,
+    hydra/launcher=slurm's. An editable install hides src/hydra_plugins from Hydra's own plugin
+    scan, so they are registered here (a no-op when the scan found them)."""
+    plugins = Plugins.instance()  # the scan runs first, so what it imported stays imported
+    plugins.register(ForkLauncher)
+    # Imported after the scan: the class registered is the one its jobs unpickle. It also
+    # stores the launcher's config (base_slurm); without the extra it defines nothing.
+    from hydra_plugins.housing_reg_launcher import slurm
+
+    if slurm.SlurmLauncher is not None:
+        plugins.register(slurm.SlurmLauncher)
 
 
 def stopped(reason: str) -> None:
