@@ -91,5 +91,8 @@ def test_wheel_installs_and_trains_outside_the_repo(tmp_path: Path):
         capture_output=True,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # Installed, src/hydra_plugins is in Hydra's plugin scan, which imports each module of it
+    # (hydra_plugins/housing_reg_launcher/slurm.py with or without the `slurm` extra).
+    assert "Hydra plugins scanner" not in proc.stderr and "Error importing" not in proc.stderr
     assert (work / "job" / "metrics.json").exists()
     assert (work / "job" / ".hydra" / "config.yaml").exists()

@@ -5,6 +5,7 @@ run says when it ends, and the sweep's summary, lock and resume hints.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shlex
@@ -220,6 +221,30 @@ def check_choices(args: list[str]) -> None:
         for v in values:
             if isinstance(v, str) and not (ours / f"{v}.yaml").is_file():
                 check_option(group, v)  # not one of ours: a plugin's, or a typo
+            elif isinstance(v, str):
+                check_extra(f"{group}={v}")
+
+
+# Our presets that build on a plugin's config: the extra that brings it, and its module.
+PLUGIN_PRESETS = {
+    "hydra/launcher=slurm": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+    "hydra/launcher=ray_cluster": ("ray", "hydra_plugins.hydra_ray_launcher"),
+}
+
+
+def check_extra(choice: str) -> None:
+    """A preset whose plugin is not installed: name the extra, rather than Hydra's missing
+    config file."""
+    if choice not in PLUGIN_PRESETS:
+        return
+    extra, module = PLUGIN_PRESETS[choice]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"{choice} needs the `{extra}` extra: pip install -e '.[{extra}]' "
+            f"(or EXTRAS=dev,{extra} ./run setup)"
+        ) from None
 
 
 def check_option(group: str, value: str) -> None:

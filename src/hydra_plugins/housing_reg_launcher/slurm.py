@@ -31,8 +31,8 @@ plugin scan imports every module under hydra_plugins, and an ImportError here wo
 warning on every run.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Hydra's plugin scan runs this module before it puts
+# it in sys.modules, and @dataclass looks a string annotation's module up there (AttributeError).
 import contextlib
 import logging
 import os
