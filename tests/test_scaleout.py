@@ -282,7 +282,7 @@ def test_submitit_local_sweep(tmp_path: Path):
 
 def test_slurm_preset_settings_are_overridable():
     need("hydra_plugins.hydra_submitit_launcher", "slurm")
-    register_launchers()  # as the CLI does: stores the launcher's schema, base_slurm
+    register_launchers()  # as the CLI does: stores hydra/launcher/schema/slurm
     with initialize_config_module("housing_reg.conf", version_base="1.3"):
         cfg = compose(
             "config",

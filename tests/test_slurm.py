@@ -239,3 +239,51 @@ def test_cancelled_jobs_are_reported_and_the_sweep_resumes(slurm: dict[str, str]
     assert [read_metrics(j)["epochs"] for j in (finished, running, pending)] == [2, 20, 3]
     assert not list(tmp_path.glob("sweep/*/failure.json"))
     assert "failed" not in proc.stderr
+
+
+def test_without_accounting_a_cancelled_job_is_still_reported(slurm: dict[str, str], tmp_path):
+    """A cluster without accounting: the driver's sacct fails at every poll (submitit says so,
+    as it should), and the launcher learns from squeue alone that a pending task was
+    cancelled, instead of waiting for it forever."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(
+        "#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n"
+    )
+    (bin_dir / "sacct").chmod(0o755)
+    env = {**slurm, "PATH": f"{bin_dir}{os.pathsep}{slurm['PATH']}"}
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "housing_reg.train",
+            *SLURM,
+            "hydra.launcher.array_parallelism=1",
+            "trainer.max_epochs=2,3",
+            QUIET,
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while (array := array_id(tmp_path / "sweep")) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        slurm_cmd("scancel", f"{array}_1", env=slurm)  # pending: %1 runs one job at a time
+        out, err = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+
+    assert driver.returncode == 1, (out + err)[-3000:]
+    finished, pending = job_dirs(tmp_path / "sweep")
+    assert read_metrics(finished)["status"] == "ok"
+    assert f"Slurm ended 1 job(s) without a result:\n  {pending.name}: Slurm job {array}_1" in err
+    assert f"{pending.name}: cancelled: Slurm job {array}_1 ended CANCELLED before it" in err
+    assert "Bypassing sacct error" in err  # the one sign of a cluster without accounting

@@ -69,7 +69,8 @@ def register_launchers() -> None:
     plugins = Plugins.instance()  # the scan runs first, so what it imported stays imported
     plugins.register(ForkLauncher)
     # Imported after the scan: the class registered is the one its jobs unpickle. It also
-    # stores the launcher's config (base_slurm); without the extra it defines nothing.
+    # stores the launcher's schema (hydra/launcher/schema/slurm); without the extra it
+    # defines nothing.
     from hydra_plugins.housing_reg_launcher import slurm
 
     if slurm.SlurmLauncher is not None:

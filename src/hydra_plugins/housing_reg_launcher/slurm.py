@@ -185,8 +185,9 @@ if SubmititSlurmLauncher is not None:
         poll_s: float = 600  # Slurm asked at most this often about unfinished jobs
         result_wait_s: float = 15  # for a result file once Slurm says its job ended
 
+    # In a group of its own: a schema for conf/hydra/launcher/slurm.yaml, not a launcher choice.
     ConfigStore.instance().store(
-        group="hydra/launcher", name="base_slurm", node=SlurmConf, provider="housing_reg"
+        group="hydra/launcher/schema", name="slurm", node=SlurmConf, provider="housing_reg"
     )
 
     class SqueueWatcher(SlurmInfoWatcher):
