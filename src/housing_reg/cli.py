@@ -29,12 +29,16 @@ from omegaconf import DictConfig, OmegaConf
 from housing_reg.record import find_jobs, read_job, short_names, write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
 from hydra_plugins.housing_reg_launcher import ForkLauncher
+from hydra_plugins.housing_reg_launcher.fused import FusedSweeper
 
 log = logging.getLogger("housing_reg")
 
 
 class Interrupted(RuntimeError):
-    """Ctrl-C or SIGTERM stopped training; checkpoints/last.ckpt holds the last whole epoch."""
+    """Ctrl-C or SIGTERM stopped training; checkpoints/last.ckpt holds the last whole epoch.
+    outcomes: of a fit of several jobs, what each job had come to (None: unfinished)."""
+
+    outcomes: list[Any] | None = None
 
 
 def start(main: Callable[[], Any]) -> None:
@@ -68,6 +72,7 @@ def register_launchers() -> None:
     scan, so they are registered here (a no-op when the scan found them)."""
     plugins = Plugins.instance()  # the scan runs first, so what it imported stays imported
     plugins.register(ForkLauncher)
+    plugins.register(FusedSweeper)
     # Imported after the scan: the class registered is the one its jobs unpickle. It also
     # stores the launcher's schema (hydra/launcher/schema/slurm); without the extra it
     # defines nothing.
@@ -150,6 +155,39 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
             f"(train {metrics['train/mae']:.3f}); results in {cfg.output_dir}"
         )
     return objective(metrics)
+
+
+def run_jobs(
+    train_jobs: Callable[[list[DictConfig]], list[Any]], cfgs: list[DictConfig]
+) -> list[float | None]:
+    """A fused sweep's task: run_job's policy for each of its jobs. A failed job is recorded
+    and logged, the others go on; Ctrl-C records every unfinished job as interrupted."""
+    quiet_known_warnings()
+    logging.raiseExceptions = False
+    try:
+        outcomes = train_jobs(cfgs)
+    except Interrupted as e:
+        for cfg, outcome in zip(cfgs, e.outcomes or [None] * len(cfgs), strict=True):
+            if outcome is None:
+                record_failure(cfg, "interrupted", e)
+            elif isinstance(outcome, BaseException):
+                record_failure(cfg, "failed", outcome)
+        sys.exit(f"error: {e}; to continue, {resume_hint(cfgs[0], True)}")
+    values = []
+    for cfg, outcome in zip(cfgs, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            record_failure(cfg, "failed", outcome)
+            expected = isinstance(outcome, (*USER_ERRORS, OSError))
+            log.error(
+                "job failed: %s: %s",
+                Path(cfg.output_dir).name,
+                one_line(outcome),
+                exc_info=None if expected else outcome,
+            )
+            values.append(None)
+        else:
+            values.append(objective(outcome))
+    return values
 
 
 def quiet_known_warnings() -> None:

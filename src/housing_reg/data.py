@@ -217,8 +217,8 @@ class EpochBatches:
 
     def __init__(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x: torch.Tensor,  # (N, F), or (R, N, F): one set of rows per replica
+        y: torch.Tensor,  # (N, 1) or (R, N, 1)
         batch_size: int,
         seeds: Sequence[int],
         epoch: Callable[[], int],
@@ -228,16 +228,24 @@ class EpochBatches:
         self.steps_per_block = steps_per_block
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.x) / self.batch_size) / self.steps_per_block)
+        return math.ceil(math.ceil(self.rows / self.batch_size) / self.steps_per_block)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[-2]
 
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         e = self.epoch()
         order = torch.from_numpy(
-            np.stack([np.random.default_rng((s, e)).permutation(len(self.x)) for s in self.seeds])
+            np.stack([np.random.default_rng((s, e)).permutation(self.rows) for s in self.seeds])
         )
-        x, y = self.x[order], self.y[order]  # one gather per epoch, then views
+        if self.x.dim() == 2:  # rows shared by every replica
+            x, y = self.x[order], self.y[order]  # one gather per epoch, then views
+        else:  # each replica its own rows (jobs with other folds or scalers in one fit)
+            r = torch.arange(len(self.seeds)).unsqueeze(1)
+            x, y = self.x[r, order], self.y[r, order]
         b = self.batch_size
-        steps = [(x[:, i : i + b], y[:, i : i + b]) for i in range(0, len(self.x), b)]
+        steps = [(x[:, i : i + b], y[:, i : i + b]) for i in range(0, self.rows, b)]
         for k in range(0, len(steps), self.steps_per_block):
             yield steps[k : k + self.steps_per_block]
 
@@ -249,14 +257,45 @@ class FullBatch:
         self.x, self.y = x, y
 
     def __len__(self) -> int:
-        return int(len(self.x) > 0)
+        return int(self.x.shape[-2] > 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if len(self.x):
+        if len(self):
             yield self.x, self.y
 
 
-class RegressionData(L.LightningDataModule):
+class Batches(L.LightningDataModule):
+    """Serves `splits` ({"train", "val", "test"}: scaled x and y) to Lightning: training rows
+    in seeded blocks, each evaluation split whole."""
+
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    seeds: Sequence[int]
+    batch_size: int
+    steps_per_block: int
+
+    @property
+    def has_validation(self) -> bool:
+        return self.splits["val"][0].shape[-2] > 0
+
+    def train_dataloader(self) -> EpochBatches:
+        x, y = self.splits["train"]
+        return EpochBatches(
+            x,
+            y,
+            self.batch_size,
+            self.seeds,
+            lambda: self.trainer.current_epoch if self.trainer else 0,
+            self.steps_per_block,
+        )
+
+    def val_dataloader(self) -> FullBatch:
+        return FullBatch(*self.splits["val"])
+
+    def test_dataloader(self) -> FullBatch:
+        return FullBatch(*self.splits["test"])
+
+
+class RegressionData(Batches):
     """A numeric CSV split Keras-style into train/test, with optional validation fold."""
 
     def __init__(
@@ -348,10 +387,6 @@ class RegressionData(L.LightningDataModule):
         return torch.as_tensor(self.y_scaler(a), dtype=torch.float32).unsqueeze(-1)
 
     @property
-    def has_validation(self) -> bool:
-        return len(self.splits["val"][0]) > 0
-
-    @property
     def num_features(self) -> int:
         return len(self.features)
 
@@ -366,26 +401,36 @@ class RegressionData(L.LightningDataModule):
             "y_scale": self.y_scaler.scale,
         }
 
-    def train_dataloader(self) -> EpochBatches:
-        x, y = self.splits["train"]
-        return EpochBatches(
-            x,
-            y,
-            self.batch_size,
-            self.seeds,
-            lambda: self.trainer.current_epoch if self.trainer else 0,
-            self.steps_per_block,
-        )
-
-    def val_dataloader(self) -> FullBatch:
-        return FullBatch(*self.splits["val"])
-
-    def test_dataloader(self) -> FullBatch:
-        return FullBatch(*self.splits["test"])
-
     def unscale(self, y: torch.Tensor) -> torch.Tensor:
         """Model outputs (or scaled targets) back in the CSV's units."""
         return self.y_scaler.inverse(y.double()).float()
+
+
+class FitData(Batches):
+    """The rows of one fit of several jobs: each job's own rows and scalers (its
+    RegressionData), one copy per replica, stacked in replica order. A fit of one job shares
+    its rows across its replicas, as a lone run always has."""
+
+    def __init__(self, jobs: Sequence[RegressionData]):
+        super().__init__()
+        first = jobs[0]
+        self.batch_size, self.steps_per_block = first.batch_size, first.steps_per_block
+        self.seeds = [s for d in jobs for s in d.seeds]
+        self.jobs = len(jobs)
+        if len(jobs) == 1:
+            self.splits = first.splits
+        else:
+            self.splits = {
+                name: tuple(
+                    torch.cat([d.splits[name][k].expand(len(d.seeds), -1, -1) for d in jobs])
+                    for k in (0, 1)
+                )
+                for name in first.splits
+            }
+
+    @property
+    def models(self) -> int:
+        return len(self.seeds)
 
 
 def check_settings(

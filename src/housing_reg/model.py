@@ -1,8 +1,10 @@
 """The 13-64-64-1 MLP with a configurable output head, as R vectorized replicas.
 
 Every layer's weights are stacked along a leading replica axis and applied with one batched
-matmul, so R independent models train in one job for about the cost of one: replica r's loss
-touches only replica r's weights, and RMSprop's state is per element.
+matmul, so R independent models train in one fit for about the cost of one: replica r's loss
+touches only replica r's weights, and RMSprop's state is per element. The replicas of one fit
+may belong to several jobs (a fused sweep, train.py): each job's replicas get its own head
+(Heads), and its own inputs, targets and target scaler (per-replica buffers).
 """
 
 from __future__ import annotations
@@ -52,21 +54,47 @@ class StackedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x.expand(self.replicas, -1, -1)
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+        weights, biases = list(self.weights), list(self.biases)
+        if self.replicas == 1:
+            # A batched matmul of one matrix takes another kernel than one of several, which
+            # rounds differently in the last bits. A detached twin (no gradient reaches it)
+            # keeps a lone model's numbers those of the same replica in any fused fit.
+            x = torch.cat([x, x])
+            weights = [torch.cat([w, w.detach()]) for w in weights]
+            biases = [torch.cat([b, b.detach()]) for b in biases]
+        last = len(weights) - 1
+        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
             x = torch.baddbmm(b, x, w)
             if i < last:
                 x = torch.relu(x)
-        return x
+        return x[: self.replicas]
+
+
+class Heads(nn.Module):
+    """Each job's own output activation on its own replicas: parts are (replicas, activation)
+    in replica order. Activations act elementwise, so a slice gets the numbers it would get
+    alone."""
+
+    def __init__(self, parts: Sequence[tuple[int, nn.Module]]):
+        super().__init__()
+        self.sizes = [n for n, _ in parts]
+        self.parts = nn.ModuleList(m for _, m in parts)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        pieces = z.split(self.sizes)
+        return torch.cat([m(p) for m, p in zip(self.parts, pieces, strict=True)])
 
 
 class Regressor(L.LightningModule):
-    """Trains R replicas on scaled targets; logs every metric in the target's own units.
+    """Trains R replicas on scaled targets; measures every metric in the target's own units.
 
     A training batch is a block of mini-batches (data.EpochBatches), one optimizer step each.
-    Per-replica results of the latest epoch and test sit in `results` for the job recorder.
-    The input standardizer and target scaler travel with the model as buffers, and the feature
-    names as a hyperparameter, so a checkpoint alone turns raw CSV columns into predictions.
+    Per-replica results of the latest epoch and test sit in `results`, for the job recorders
+    (record.py), which log and write them job by job. The input standardizer and target scaler
+    travel with the model as buffers, and the feature names as a hyperparameter, so a
+    checkpoint alone turns raw CSV columns into predictions. In a fit of several jobs the
+    buffers hold one scaler per replica, shape (R, 1, F) and (R, 1, 1), and `seeds` the seed
+    of each replica.
     """
 
     def __init__(
@@ -83,13 +111,14 @@ class Regressor(L.LightningModule):
         x_scale=1.0,
         y_shift=0.0,
         y_scale=1.0,
+        seeds: Sequence[int] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
-            ignore=["head", "optimizer", "x_shift", "x_scale", "y_shift", "y_scale"]
+            ignore=["head", "optimizer", "x_shift", "x_scale", "y_shift", "y_scale", "seeds"]
         )
         self.automatic_optimization = False  # one plain step per mini-batch, no closures
-        self.seeds = replica_seeds(seed, replicas)
+        self.seeds = list(seeds) if seeds is not None else replica_seeds(seed, replicas)
         self.net = StackedMLP(num_features, list(hidden), self.seeds)
         self.head = head
         self.optimizer_factory = optimizer
@@ -101,8 +130,9 @@ class Regressor(L.LightningModule):
             ("y_shift", y_shift, torch.float32),
             ("y_scale", y_scale, torch.float32),
         ):
-            self.register_buffer(name, torch.as_tensor(v, dtype=dtype).reshape(-1))
-        self.results: dict[str, torch.Tensor] = {}  # per replica, see module docstring
+            t = torch.as_tensor(v, dtype=dtype)
+            self.register_buffer(name, t if t.dim() == 3 else t.reshape(-1))
+        self.results: dict[str, torch.Tensor] = {}  # per replica, see the class docstring
         self._epoch: list[Batch] = []
 
     @property
@@ -110,10 +140,11 @@ class Regressor(L.LightningModule):
         return self.net.replicas
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scaled features -> scaled predictions, shape (R, B, 1)."""
+        """Scaled features (N, F) or (R, N, F) -> scaled predictions, shape (R, N, 1)."""
         return self.head(self.net(x))
 
     def unscale(self, y: torch.Tensor) -> torch.Tensor:
+        """Scaled (R, N, 1) -> the target's own units."""
         return y * self.y_scale + self.y_shift
 
     @torch.no_grad()
@@ -140,32 +171,31 @@ class Regressor(L.LightningModule):
             pred = self(x)
             # Sum over replicas of each replica's mean loss, so gradients stay per replica.
             loss = F.mse_loss(pred, y, reduction="sum") / y.shape[1]
-            opt.zero_grad()
+            # Zeroed in place, not freed: at hundreds of replicas, allocating the gradients
+            # afresh every step costs more than the step (scripts/bench.py).
+            opt.zero_grad(set_to_none=False)
             self.manual_backward(loss)
             opt.step()
             self._epoch.append((pred.detach(), y))
 
     def on_train_epoch_end(self) -> None:
-        pred, true = (torch.cat(t, dim=1).squeeze(-1) for t in zip(*self._epoch, strict=True))
-        if not torch.isfinite(pred).all():
-            raise FloatingPointError(
-                f"training diverged in epoch {self.current_epoch + 1}: predictions became NaN/inf; "
-                "lower optim.lr or scale the targets (data.target_scaling=standard)"
-            )
-        self.results["train/mae"] = mae(self.unscale(pred), self.unscale(true))
-        self.log_replicas("train/mae", self.results["train/mae"])
-        self.log("train/loss", (pred - true).square().mean())
+        """Per replica: train MAE (target units), loss (scaled units), and whether finite."""
+        pred, true = (torch.cat(t, dim=1) for t in zip(*self._epoch, strict=True))
+        self._epoch = []
+        self.results["train/finite"] = torch.isfinite(pred).flatten(1).all(dim=1)
+        self.results["train/mae"] = mae(*(self.unscale(t).squeeze(-1) for t in (pred, true)))
+        self.results["train/loss"] = (pred - true).square().squeeze(-1).mean(dim=1)
 
     # -- evaluation: each split is one full batch ---------------------------------------------
     def predict_split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """A scaled (x, y) split -> predictions (R, N) and targets (R, N), original units."""
         x, y = batch
         pred = self.unscale(self(x)).squeeze(-1)
-        return pred, self.unscale(y).squeeze(-1).expand_as(pred)
+        true = self.unscale(y.expand(self.replicas, -1, -1) if y.dim() == 2 else y)
+        return pred, true.squeeze(-1)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.results["val/mae"] = mae(*self.predict_split(batch))
-        self.log_replicas("val/mae", self.results["val/mae"])
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         pred, true = self.predict_split(batch)
@@ -173,25 +203,8 @@ class Regressor(L.LightningModule):
             "test/mae": mae(pred, true),
             "test/mse": mse(pred, true),
             "test/pred": pred,
-            "test/true": true[0],
+            "test/true": true,
         }
-        self.log_replicas("test/mae", self.results["test/mae"])
-        self.log_replicas("test/mse", self.results["test/mse"])
-
-    def log_replicas(self, name: str, per_replica: torch.Tensor) -> None:
-        """One scalar for one model; mean, std, min and max across replicas otherwise.
-
-        TensorBoard's x-axis is the optimizer step (Lightning reads the `step` key), the same
-        for every scalar, train, validation and test alike.
-        """
-        values = {name: per_replica.mean()}
-        if len(per_replica) > 1:
-            values |= {
-                f"{name}_std": per_replica.std(),
-                f"{name}_min": per_replica.min(),
-                f"{name}_max": per_replica.max(),
-            }
-        self.log_dict(values | {"step": float(self.global_step)})
 
 
 def mae(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

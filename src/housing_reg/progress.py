@@ -1,4 +1,5 @@
-"""A progress bar over epochs, with the latest train and validation MAE.
+"""One progress bar per fit, over epochs: how many jobs and models it trains, and the latest
+train and validation MAE (the mean over replicas) when it trains one job.
 
 Lightning's own bar counts the batches it is handed, and here a batch is a block of optimizer
 steps (data.EpochBatches); an epoch is the unit a user reasons in (7 by default).
@@ -23,7 +24,7 @@ class EpochProgress(L.Callback):
             self.bar = tqdm(
                 total=trainer.max_epochs,
                 initial=trainer.current_epoch,
-                desc="training",
+                desc=describe(trainer.datamodule),
                 unit="epoch",
                 file=sys.stderr,
                 dynamic_ncols=True,
@@ -33,15 +34,25 @@ class EpochProgress(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if self.bar is not None and epoch > self.bar.n and epoch % self.refresh_rate == 0:
-            self._show(trainer)  # the epoch before this one has finished, metrics included
+            self._show(trainer, model)  # the epoch before this one has finished, metrics included
 
     def on_train_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
         if self.bar is not None:
-            self._show(trainer)
+            self._show(trainer, model)
             self.bar.close()
             self.bar = None
 
-    def _show(self, trainer: L.Trainer) -> None:
-        shown = {k: f"{v:.3f}" for k, v in trainer.callback_metrics.items() if k.endswith("/mae")}
-        self.bar.set_postfix(shown, refresh=False)
+    def _show(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        if getattr(trainer.datamodule, "jobs", 1) == 1:
+            results = getattr(model, "results", {})
+            shown = {
+                k: f"{results[k].mean():.3f}" for k in ("train/mae", "val/mae") if k in results
+            }
+            self.bar.set_postfix(shown, refresh=False)
         self.bar.update(trainer.current_epoch - self.bar.n)
+
+
+def describe(data: object) -> str:
+    """ "training", or "training 4 jobs, 40 models" for a fused fit."""
+    jobs, models = getattr(data, "jobs", 1), getattr(data, "models", 1)
+    return "training" if jobs == 1 else f"training {jobs} jobs, {models} models"

@@ -30,7 +30,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from housing_reg.stats import train_targets
 
@@ -42,27 +44,33 @@ class RecordError(ValueError):
     """A job directory or checkpoint that cannot be used; the message says which and why."""
 
 
-class JobRecorder(Checkpoint):
-    """Records a job as it trains: per-epoch history, checkpoints, and the files above.
-
-    A Checkpoint, so Lightning calls it after the model's own epoch-end hook: the epoch's
-    metrics exist and the divergence check has passed, so a NaN model is never saved.
-    Its state (history, fit time, the training config) travels inside each checkpoint, so a
-    resumed job reports its whole curve and refuses settings it was not trained with.
+class JobRecorder:
+    """One job of a fit: its replicas (a slice of the fit's), its settings, its TensorBoard
+    logger and its directory. It logs and writes only its own replicas, so a job's files are
+    the same whether it trained alone or fused with others. `error` is set once the job has
+    failed (diverged, or its disk is full); the fit goes on without it.
     """
 
-    def __init__(self, output_dir: str | Path, config: dict[str, Any], checkpoint_every: int = 1):
-        self.dir = Path(output_dir)
-        self.config = config
-        self.checkpoint_every = checkpoint_every
+    def __init__(
+        self,
+        config: dict[str, Any],
+        data: Any,  # the job's own data.RegressionData
+        logger: Logger | None,
+        replicas: slice,
+        hparams: dict[str, Any],
+    ):
+        self.dir = Path(config["output_dir"])
+        self.config, self.data, self.logger = config, data, logger
+        self.replicas = replicas
+        self.hparams = hparams  # the hyperparameters of this job's model, as a lone run's
+        self.seeds = list(data.seeds)
         self.history: dict[str, list[list[float]]] = {"train/mae": [], "val/mae": []}
         self.fit_seconds: list[float] = []  # one entry per fit session; a resumed job has two+
         self.metrics: dict[str, Any] = {}  # metrics.json's contents, once the job has tested
-        self._start = 0.0
+        self.error: BaseException | None = None
 
     # -- state carried by checkpoints ----------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self._start
+    def state_dict(self, elapsed: float) -> dict[str, Any]:
         return {
             "history": self.history,
             "fit_seconds": [*self.fit_seconds, elapsed],
@@ -73,44 +81,52 @@ class JobRecorder(Checkpoint):
         self.history, self.fit_seconds = state["history"], state["fit_seconds"]
 
     # -- during fit ----------------------------------------------------------------------------
-    def on_fit_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_fit_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
-        self.fit_seconds.append(time.perf_counter() - self._start)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+    def record_epoch(self, step: int, epoch: int, results: dict[str, torch.Tensor]) -> None:
+        """The epoch's curves, in history and TensorBoard; FloatingPointError if it diverged."""
+        r = self.replicas
+        if not results["train/finite"][r].all():
+            hint = " or scale the targets (data.target_scaling=standard)"
+            raise FloatingPointError(
+                f"training diverged in epoch {epoch}: predictions became NaN/inf; lower optim.lr"
+                + (hint if self.config["data"]["target_scaling"] == "none" else "")
+            )
         for name in self.history:
-            if name in model.results:
-                self.history[name].append(model.results[name].tolist())
-        done = trainer.current_epoch + 1
-        every = self.checkpoint_every
-        if every and (done % every == 0 or done == trainer.max_epochs):
-            path = self.dir / CHECKPOINT
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
+            if name in results:
+                self.history[name].append(results[name][r].tolist())
+        self.log(step, "train/mae", results["train/mae"][r])
+        self.log(step, "train/loss", results["train/loss"][r].mean().reshape(1))
+        if "val/mae" in results:
+            self.log(step, "val/mae", results["val/mae"][r])
+
+    def log(self, step: int, name: str, per_replica: torch.Tensor) -> None:
+        """One scalar for one model; mean, std, min and max across replicas otherwise.
+        TensorBoard's x-axis is the optimizer step, for train, validation and test alike."""
+        if self.logger is not None:
+            self.logger.log_metrics(spread({name: per_replica}), step=step)
 
     # -- after test: the job's files -----------------------------------------------------------
-    def on_test_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
-        r = model.results
+    def record_test(self, trainer: L.Trainer, results: dict[str, torch.Tensor]) -> None:
+        r = self.replicas
         per_replica = {"train/mae": torch.tensor(self.history["train/mae"][-1])}
         if self.history["val/mae"]:
             per_replica["val/mae"] = torch.tensor(self.history["val/mae"][-1])
-        per_replica |= {k: r[k] for k in ("test/mae", "test/mse")}
-        pred, true = r["test/pred"].cpu(), r["test/true"].cpu()
-        metrics = self.summary(trainer, model.seeds, per_replica)
-        log_hparams(trainer, self.config, metrics)
-        log_pred_vs_true(trainer, self.config, true, pred)
+        per_replica |= {k: results[k][r] for k in ("test/mae", "test/mse")}
+        pred, true = results["test/pred"][r].cpu(), results["test/true"][r.start].cpu()
+        metrics = self.summary(trainer, per_replica)
+        step = trainer.global_step
+        for name in ("test/mae", "test/mse"):
+            self.log(step, name, per_replica[name])
+        if isinstance(self.logger, TensorBoardLogger):
+            log_hparams(self.logger, self.config, metrics)
+            log_pred_vs_true(self.logger, step, self.config, self.data, true, pred)
         write_predictions(self.dir / "predictions.csv", pred, true)
-        write_replicas(self.dir, model.seeds, per_replica, pred, self.history)
+        write_replicas(self.dir, self.seeds, per_replica, pred, self.history)
         write_json(self.dir / "metrics.json", metrics)
         (self.dir / "failure.json").unlink(missing_ok=True)  # an earlier failure, now retried
         self.metrics = metrics
 
-    def summary(
-        self, trainer: L.Trainer, seeds: list[int], per_replica: dict[str, torch.Tensor]
-    ) -> dict[str, Any]:
-        c, data = self.config, trainer.datamodule
+    def summary(self, trainer: L.Trainer, per_replica: dict[str, torch.Tensor]) -> dict[str, Any]:
+        c, data = self.config, self.data
         metrics: dict[str, Any] = {
             "status": "ok",
             "head": c["head"]["name"],
@@ -118,7 +134,7 @@ class JobRecorder(Checkpoint):
             "target": {"name": data.target_label, "unit": data.target_unit},
             "train_targets": train_targets(data),  # the report's answer.png
             "seed": c["seed"],
-            "replicas": len(seeds),
+            "replicas": len(self.seeds),
             "target_scaling": c["data"]["target_scaling"],
             "fold": c["data"]["fold"] if c["data"]["num_folds"] else None,
             "lr": c["optim"]["lr"],
@@ -139,6 +155,162 @@ class JobRecorder(Checkpoint):
         }
         return metrics
 
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.finalize("success" if self.error is None else "failed")
+
+
+class FitRecorder(Checkpoint):
+    """Records every job of a fit as it trains: per-epoch curves, checkpoints, final files.
+
+    A Checkpoint, so Lightning calls it after the model's own epoch-end hook: the epoch's
+    results exist. A job whose replicas diverged fails alone (its `error`), before anything of
+    it is saved; the fit stops early only when no job is left. Checkpoints go through
+    JobCheckpoints, which writes each job's share as that job's own checkpoint.
+    """
+
+    def __init__(self, jobs: list[JobRecorder], checkpoint_every: int = 1):
+        self.jobs = jobs
+        self.checkpoint_every = checkpoint_every
+        self._start = 0.0
+
+    @property
+    def live(self) -> list[JobRecorder]:
+        return [j for j in self.jobs if j.error is None]
+
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self._start
+        return {"jobs": [j.state_dict(elapsed) for j in self.jobs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for job, saved in zip(self.jobs, state["jobs"], strict=True):
+            job.load_state_dict(saved)
+
+    def on_fit_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        for job in self.jobs:
+            if job.logger is not None:
+                job.logger.log_hyperparams(job.hparams)
+
+    def on_fit_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        elapsed = time.perf_counter() - self._start
+        for job in self.jobs:
+            job.fit_seconds.append(elapsed)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        for job in self.live:
+            try:
+                job.record_epoch(trainer.global_step, done, model.results)
+            except FloatingPointError as e:
+                job.error = e
+        if not self.live:
+            trainer.should_stop = True  # nothing left to train
+            return
+        every = self.checkpoint_every
+        if every and (done % every == 0 or done == trainer.max_epochs):
+            trainer.save_checkpoint(self.live[0].dir / CHECKPOINT, weights_only=False)
+
+    def on_test_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        for job in self.live:
+            try:
+                job.record_test(trainer, model.results)
+            except OSError as e:  # a full disk: this job fails, the others still write
+                job.error = e
+
+
+SCALERS = ("x_shift", "x_scale", "y_shift", "y_scale")
+
+
+class JobCheckpoints(CheckpointIO):
+    """Lightning hands this plugin the fit's checkpoint; it writes each job's share to
+    JOB/checkpoints/last.ckpt as an ordinary one-job checkpoint (the job's replicas, its
+    scalers, its hyperparameters and recorder state), which evaluate and resume=true read as
+    they read a lone run's. Loading reads every job's own checkpoint and stacks them again.
+    The `path` Lightning passes is the first job's; each job's own path is used."""
+
+    def __init__(self, jobs: list[JobRecorder], resume_from: list[Path | None]):
+        self.jobs, self.resume_from = jobs, resume_from
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options=None):
+        for i, job in enumerate(self.jobs):
+            if job.error is not None:
+                continue
+            share = job_share(checkpoint, self.jobs, i)
+            try:
+                target = job.dir / CHECKPOINT
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(target, lambda tmp, share=share: torch.save(share, tmp))
+            except OSError as e:
+                job.error = e
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, **kwargs: Any):
+        saved = [load_checkpoint(p) for p in self.resume_from]
+        return stack_shares(saved, self.jobs)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        pass  # each job keeps its own last checkpoint
+
+
+def job_share(ckpt: dict[str, Any], jobs: list[JobRecorder], i: int) -> dict[str, Any]:
+    """Job i's part of a fit's checkpoint, shaped as a lone run of that job saves it."""
+    job, total = jobs[i], jobs[-1].replicas.stop
+    share = dict(ckpt)
+    share["hyper_parameters"] = job.hparams
+    share["callbacks"] = {JobRecorder.__qualname__: ckpt["callbacks"]["FitRecorder"]["jobs"][i]}
+    if len(jobs) == 1:
+        return share
+
+    def part(t: torch.Tensor) -> torch.Tensor:
+        return t[job.replicas] if t.dim() and t.shape[0] == total else t
+
+    share["state_dict"] = {
+        k: v[job.replicas.start].reshape(-1) if k in SCALERS else part(v)
+        for k, v in ckpt["state_dict"].items()
+    }
+    share["optimizer_states"] = [
+        {**o, "state": {p: {k: part(v) for k, v in st.items()} for p, st in o["state"].items()}}
+        for o in ckpt["optimizer_states"]
+    ]
+    return share
+
+
+def stack_shares(shares: list[dict[str, Any]], jobs: list[JobRecorder]) -> dict[str, Any]:
+    """The inverse of job_share: the jobs' checkpoints as one fit's."""
+    fit = dict(shares[0])
+    fit["callbacks"] = {
+        "FitRecorder": {"jobs": [s["callbacks"][JobRecorder.__qualname__] for s in shares]}
+    }
+    if len(shares) == 1:
+        return fit
+
+    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(tensors) if tensors[0].dim() else tensors[0]
+
+    sizes = [j.replicas.stop - j.replicas.start for j in jobs]
+    fit["state_dict"] = {
+        k: torch.cat(
+            [
+                s["state_dict"][k].reshape(1, 1, -1).expand(n, 1, -1)
+                for s, n in zip(shares, sizes, strict=True)
+            ]
+        )
+        if k in SCALERS
+        else cat([s["state_dict"][k] for s in shares])
+        for k in shares[0]["state_dict"]
+    }
+    fit["optimizer_states"] = [
+        {
+            **o,
+            "state": {
+                p: {k: cat([s["optimizer_states"][n]["state"][p][k] for s in shares]) for k in st}
+                for p, st in o["state"].items()
+            },
+        }
+        for n, o in enumerate(shares[0]["optimizer_states"])
+    ]
+    return fit
+
 
 def spread(per_replica: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean of each metric over replicas, with std, min and max when there are several."""
@@ -157,7 +329,7 @@ def spread(per_replica: dict[str, torch.Tensor]) -> dict[str, float]:
 def training_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The config minus what may change between a run and its resumption: how long to train,
     where output goes, how it is shown and how the job was (re)started."""
-    free = ("output_dir", "resume", "ckpt_path", "checkpoint_every", "callbacks", "logger")
+    free = ("output_dir", "resume", "ckpt_path", "checkpoint_every", "callbacks", "logger", "fuse")
     settings = {k: v for k, v in config.items() if k not in free}
     trainer = config.get("trainer", {})
     settings["trainer"] = {
@@ -167,7 +339,7 @@ def training_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- TensorBoard extras --------------------------------------------------------------------
-def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, Any]) -> None:
+def log_hparams(logger: TensorBoardLogger, config: dict[str, Any], metrics: dict[str, Any]) -> None:
     """HPARAMS tab: the main settings against the final metrics, which the run logged."""
     from torch.utils.tensorboard.summary import hparams
 
@@ -186,29 +358,32 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, A
     if c["data"]["num_folds"]:  # without folds, data.fold means nothing: no "fold 0.0000" column
         hp["fold"] = c["data"]["fold"]
     names = [k for k in METRICS if k in metrics]
-    writer = trainer.logger.experiment
+    writer = logger.experiment
     for summary in hparams(hp, {k: metrics[k] for k in names}):
         writer._get_file_writer().add_summary(summary)
     writer.flush()
 
 
 def log_pred_vs_true(
-    trainer: L.Trainer, config: dict[str, Any], true: torch.Tensor, pred: torch.Tensor
+    logger: TensorBoardLogger,
+    step: int,
+    config: dict[str, Any],
+    data: Any,
+    true: torch.Tensor,
+    pred: torch.Tensor,
 ) -> None:
     """IMAGES tab: this job's test predictions against the truth, drawn once after testing."""
     from housing_reg.report import figure_rgb, pred_vs_true_figure  # matplotlib: only here
 
-    c, r, data = config, len(pred), trainer.datamodule
+    c, r = config, len(pred)
     seeds = f"seed {c['seed']}" if r == 1 else f"seeds {c['seed']}-{c['seed'] + r - 1}"
     fold = f", fold {c['data']['fold']}" if c["data"]["num_folds"] else ""
     scaling = c["data"]["target_scaling"].replace("none", "unscaled")
     title = f"{data.dataset}: {c['head']['name']}, {scaling} targets, {seeds}{fold}"
     fig = pred_vs_true_figure(true, pred, title, data.target_label, data.target_unit)
-    writer = trainer.logger.experiment
+    writer = logger.experiment
     # At the last optimizer step, like the test scalars (not at step 0, before any training).
-    writer.add_image(
-        "test/pred_vs_true", figure_rgb(fig), global_step=trainer.global_step, dataformats="HWC"
-    )
+    writer.add_image("test/pred_vs_true", figure_rgb(fig), global_step=step, dataformats="HWC")
     writer.flush()
 
 

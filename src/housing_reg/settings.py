@@ -58,6 +58,7 @@ TOP_LEVEL = {
     "checkpoint_every",
     "resume",
     "ckpt_path",
+    "fuse",
 }
 
 

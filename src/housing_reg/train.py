@@ -8,6 +8,8 @@ one-line errors, the sweep summary) lives in cli.py, and `main` is the thin Hydr
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,45 +18,193 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg import cli
-from housing_reg.data import RegressionData
-from housing_reg.model import Regressor, replica_seeds
+from housing_reg import cli, fuse
+from housing_reg.data import FitData, RegressionData
+from housing_reg.model import Heads, Regressor, replica_seeds
 from housing_reg.record import (
     CHECKPOINT,
+    FitRecorder,
+    JobCheckpoints,
     JobRecorder,
     load_checkpoint,
     read_job,
     training_settings,
 )
 from housing_reg.settings import ConfigError, check_config, create
+from hydra_plugins.housing_reg_launcher import fused
 
 log = logging.getLogger(__name__)
 
 
-def build(cfg: DictConfig) -> tuple[RegressionData, Regressor, L.Trainer, JobRecorder]:
-    """Config -> data module, model, trainer and the job's recorder."""
+@dataclass
+class Prepared:
+    """A job checked and ready to train: its settings, its data and head, where it resumes."""
+
+    index: int
+    cfg: DictConfig
+    data: RegressionData
+    head: torch.nn.Module
+    resume_from: Path | None
+    progress: tuple[int, int]  # (epoch, step) it resumes from
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit on the training rows, test on the held-out rows; returns metrics.json's contents."""
+    (outcome,) = train_jobs([cfg])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseException]:
+    """Each job's metrics.json contents, or the error that failed it. Jobs that can share a
+    fit (fuse.py) train as its replicas, each with the numbers of its lone run; a job's bad
+    settings fail it before any training starts. Ctrl-C raises cli.Interrupted, which carries
+    the outcomes so far."""
+    outcomes: list[dict[str, Any] | BaseException | None] = [None] * len(cfgs)
+    ready = []
+    for i, cfg in enumerate(cfgs):
+        try:
+            finished = already_finished(cfg)
+            if finished is not None:
+                log.info("resume=true: %s already finished; not rerun", cfg.output_dir)
+                outcomes[i] = finished
+            else:
+                ready.append(prepare(i, cfg))
+        except Exception as e:  # reported now, before any job of the group trains
+            log.error("job %s will not train: %s", Path(str(cfg.output_dir)).name, e)
+            outcomes[i] = e
+    cap = max(cfgs[0].fuse.max_replicas, 1) if cfgs else 1
+    fits = fuse.groups(ready, fit_key, lambda j: j.cfg.model.replicas, cap)
+    for n, jobs in enumerate(fits, 1):
+        if len(cfgs) > 1:
+            models = sum(j.cfg.model.replicas for j in jobs)
+            log.info("fit %d of %d: %d jobs, %d models", n, len(fits), len(jobs), models)
+        try:
+            for job, outcome in zip(jobs, fit(jobs), strict=True):
+                outcomes[job.index] = outcome
+        except cli.Interrupted as e:
+            e.outcomes = outcomes
+            raise
+        except Exception as e:  # a bug: every job of this fit fails, the other fits go on
+            for job in jobs:
+                outcomes[job.index] = e
+    return outcomes
+
+
+def prepare(index: int, cfg: DictConfig) -> Prepared:
     check_config(cfg)
-    torch.set_num_threads(cfg.threads)  # 64-wide matmuls: threads cost more than they give
-    L.seed_everything(cfg.seed, verbose=False)
     data: RegressionData = create(cfg.data, seeds=replica_seeds(cfg.seed, cfg.model.replicas))
-    model: Regressor = create(
-        model_settings(cfg),
-        _convert_="all",  # plain lists in the checkpoint's hyperparameters
-        head=create(cfg.head.activation),
-        optimizer=create(cfg.optim),
-        seed=cfg.seed,
-        head_name=cfg.head.name,
-        **data.model_inputs(),
-    )
-    recorder = JobRecorder(cfg.output_dir, resolved(cfg), cfg.checkpoint_every)
-    callbacks = [recorder, *(create(c) for c in cfg.callbacks.values() if c is not None)]
+    head = create(cfg.head.activation)
+    resume_from, progress = checkpoint_to_resume(cfg)
+    return Prepared(index, cfg, data, head, resume_from, progress)
+
+
+def fit_key(job: Prepared) -> tuple:
+    """Jobs share a fit when fuse.py allows it, their splits have the same sizes (folds of
+    other sizes do not), they resume from the same epoch, and their head learns nothing."""
+    sizes = tuple(x.shape for x, _ in job.data.splits.values())
+    learns = any(True for _ in job.head.parameters())
+    alone = job.index if learns else None
+    return fuse.fit_key(resolved(job.cfg)), sizes, job.progress, alone
+
+
+def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
+    """Train and test jobs as the replicas of one fit."""
+    jobs = sorted(jobs, key=lambda j: str(j.cfg.head))  # one head call per distinct head
+    first = jobs[0].cfg
+    torch.set_num_threads(first.threads)  # 64-wide matmuls: threads cost more than they give
+    L.seed_everything(first.seed, verbose=False)
+    data = FitData([j.data for j in jobs])
+    model = build_model(jobs, data)
+    recorders, start = [], 0
+    for job in jobs:
+        n = job.cfg.model.replicas
+        hparams = model.hparams | {"replicas": n, "seed": job.cfg.seed}
+        hparams["head_name"] = job.cfg.head.name
+        logger = create(job.cfg.logger) if job.cfg.logger is not None else None
+        recorders.append(
+            JobRecorder(resolved(job.cfg), job.data, logger, slice(start, start + n), hparams)
+        )
+        start += n
+    resume_from = [j.resume_from for j in jobs]
     trainer: L.Trainer = create(
-        cfg.trainer,
-        logger=create(cfg.logger),
-        callbacks=callbacks,
+        first.trainer,
+        logger=False,  # each job logs to its own TensorBoard run (JobRecorder)
+        callbacks=[
+            FitRecorder(recorders, first.checkpoint_every),
+            *(create(c) for c in first.callbacks.values() if c is not None),
+        ],
+        plugins=[
+            *create(first.trainer.get("plugins") or []),
+            JobCheckpoints(recorders, resume_from),
+        ],
         limit_val_batches=1.0 if data.has_validation else 0,  # 0: no validation loop at all
     )
-    return data, model, trainer, recorder
+    try:
+        try:
+            trainer.fit(
+                model,
+                datamodule=data,
+                ckpt_path=resume_from[0] if resume_from[0] else None,
+                weights_only=True,
+            )
+        except SystemExit:  # Lightning's graceful stop on Ctrl-C / SIGTERM
+            if not trainer.interrupted:
+                raise
+            done = len(recorders[0].history["train/mae"])
+            raise cli.Interrupted(
+                f"interrupted with {done} of {first.trainer.max_epochs} epochs done"
+            ) from None
+        if any(r.error is None for r in recorders):
+            trainer.test(model, datamodule=data, verbose=False)
+    finally:
+        for r in recorders:
+            r.close()
+    outcomes = {j.index: r.error or r.metrics for j, r in zip(jobs, recorders, strict=True)}
+    return [outcomes[j.index] for j in sorted(jobs, key=lambda j: j.index)]
+
+
+def build_model(jobs: list[Prepared], data: FitData) -> Regressor:
+    """One Regressor for every replica of the jobs: each job's head on its own replicas, and
+    each job's scalers (per replica when the fit holds several jobs)."""
+    first = jobs[0]
+    inputs = first.data.model_inputs()
+    if len(jobs) > 1:
+        for name in ("x_shift", "x_scale", "y_shift", "y_scale"):
+            inputs[name] = torch.cat(
+                [
+                    torch.as_tensor(j.data.model_inputs()[name])
+                    .reshape(1, 1, -1)
+                    .expand(j.cfg.model.replicas, 1, -1)
+                    for j in jobs
+                ]
+            )
+    return create(
+        model_settings(first.cfg),
+        _convert_="all",  # plain lists in the checkpoint's hyperparameters
+        head=merge_heads(jobs),
+        optimizer=create(first.cfg.optim),
+        seed=first.cfg.seed,
+        head_name=first.cfg.head.name,
+        replicas=data.models,
+        seeds=data.seeds,
+        **inputs,
+    )
+
+
+def merge_heads(jobs: list[Prepared]) -> torch.nn.Module:
+    """The jobs' heads in replica order, one module per run of jobs with the same head."""
+    if len(jobs) == 1:
+        return jobs[0].head
+    parts: list[tuple[int, torch.nn.Module, Any]] = []
+    for job in jobs:
+        n, same = job.cfg.model.replicas, job.cfg.head
+        if parts and parts[-1][2] == same:
+            parts[-1] = (parts[-1][0] + n, parts[-1][1], same)
+        else:
+            parts.append((n, job.head, same))
+    return Heads([(n, m) for n, m, _ in parts])
 
 
 def model_settings(cfg: DictConfig) -> DictConfig:
@@ -63,27 +213,6 @@ def model_settings(cfg: DictConfig) -> DictConfig:
     node = OmegaConf.to_container(cfg.model, resolve=True)
     node.pop("width", None)
     return OmegaConf.create(node)
-
-
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit on the training rows, test on the held-out rows; returns metrics.json's contents."""
-    finished = already_finished(cfg)
-    if finished is not None:
-        log.info("resume=true: %s already finished; not rerun", cfg.output_dir)
-        return finished
-    data, model, trainer, recorder = build(cfg)
-    ckpt_path = checkpoint_to_resume(cfg)
-    try:
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    except SystemExit:  # Lightning's graceful stop on Ctrl-C / SIGTERM
-        if not trainer.interrupted:
-            raise
-        done = len(recorder.history["train/mae"])
-        raise cli.Interrupted(
-            f"interrupted with {done} of {cfg.trainer.max_epochs} epochs done"
-        ) from None
-    trainer.test(model, datamodule=data, verbose=False)
-    return recorder.metrics
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
@@ -103,19 +232,21 @@ def already_finished(cfg: DictConfig) -> dict[str, Any] | None:
     return job.metrics if same and done else None
 
 
-def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
+def checkpoint_to_resume(cfg: DictConfig) -> tuple[Path | None, tuple[int, int]]:
     """ckpt_path, else (resume=true) the job's own last checkpoint, refused unless it was
-    trained with these settings (all but trainer.max_epochs and cosmetic ones)."""
+    trained with these settings (all but trainer.max_epochs and cosmetic ones); with the
+    (epoch, step) it holds."""
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
     elif cfg.resume:
         path = Path(cfg.output_dir) / CHECKPOINT
         if not path.is_file():
             log.warning("resume=true: no checkpoint at %s yet, starting from scratch", path)
-            return None
+            return None, (0, 0)
     else:
-        return None
-    saved = load_checkpoint(path).get("callbacks", {}).get(JobRecorder.__qualname__, {})
+        return None, (0, 0)
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("callbacks", {}).get(JobRecorder.__qualname__, {})
     if "config" not in saved:
         raise ConfigError(f"{path} records no settings to check against; train afresh")
     differ = differences(saved["config"], training_settings(resolved(cfg)))
@@ -125,7 +256,7 @@ def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
             "settings it was trained with (only trainer.max_epochs may change), or train afresh "
             "in another directory"
         )
-    return path
+    return path, (ckpt.get("epoch", 0), ckpt.get("global_step", 0))
 
 
 def differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> list[str]:
@@ -141,7 +272,9 @@ def differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -
 
 
 @hydra.main(version_base="1.3", config_path="pkg://housing_reg.conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | dict[int, float | None] | None:
+    if cfg.fuse.group:  # a fused sweep's task: several jobs (hydra_plugins/.../fused.py)
+        return fused.run_group(cfg.fuse.group, lambda cfgs: cli.run_jobs(train_jobs, cfgs))
     return cli.run_job(train, cfg)
 
 

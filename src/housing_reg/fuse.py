@@ -1,0 +1,53 @@
+"""Which jobs can share a fit: the grouping behind fused sweeps.
+
+A job is what the user names and reads (one directory, train.py's `train`); a fit is what
+the machine runs. Jobs whose settings differ only in FUSABLE keys train as the replicas of
+one fit: each replica keeps its own seed (initial weights, batch order), head, training rows
+and target scaler, and its numbers stay exactly those of its lone run (tests/test_fuse.py).
+Anything else that differs (lr, batch size, widths, epochs, the data file) needs a fit of its
+own. The sweeper groups composed configs with `groups`; the group task splits a group further
+into fits with `fits`, once each job's data and checkpoint are known.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
+
+# Fusing these keeps every replica's numbers its lone run's: they only choose what a replica
+# starts from and trains on, never how the shared optimizer steps.
+FUSABLE = ("seed", "head", "data.fold", "data.target_scaling", "data.target_range")
+# Bookkeeping: where a job writes and how it was (re)started, not what it trains.
+PER_JOB = ("output_dir", "resume", "ckpt_path", "fuse")
+
+T = TypeVar("T")
+
+
+def fit_key(config: dict[str, Any]) -> str:
+    """What must be equal for two jobs to share a fit: the config minus FUSABLE and PER_JOB
+    (and the job's own directory wherever a setting names it: the logger's, the trainer's)."""
+    text = json.dumps(config, default=str)
+    out = json.dumps(str(config.get("output_dir")))[1:-1]
+    rest = json.loads(text.replace(out, "<output_dir>") if out else text)
+    for key in (*FUSABLE, *PER_JOB):
+        *parents, last = key.split(".")
+        node = rest
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
+    return json.dumps(rest, sort_keys=True)
+
+
+def groups(
+    items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T], int], cap: int
+) -> list[list[T]]:
+    """items with equal key together, in order of first appearance, each group at most cap
+    in total size (an item larger than cap alone)."""
+    by_key: dict[Hashable, list[list[T]]] = {}
+    for item in items:
+        runs = by_key.setdefault(key(item), [[]])
+        if runs[-1] and sum(map(size, runs[-1])) + size(item) > cap:
+            runs.append([])
+        runs[-1].append(item)
+    return [g for runs in by_key.values() for g in runs]

@@ -1,0 +1,154 @@
+"""Fused sweeps: jobs that differ only in seed, head, fold or target scaling train as one
+fit, and every job's directory holds exactly what its lone run writes, numbers included."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from housing_reg.train import train
+
+from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
+
+# heads x seeds x folds x scalings, in 2 epochs: 24 jobs, 3 fits (the folds' sizes differ)
+GRID = (
+    "head=relu,sigmoid",
+    "seed=3,4",
+    "data.num_folds=3",
+    "data.fold=0,1,2",
+    "data.target_scaling=none,minmax",
+)
+SAME = ("replicas.csv", "predictions.csv")
+
+
+def table(stdout: str) -> list[str]:
+    """The sweep's summary: stdout without the log lines."""
+    return [line for line in stdout.splitlines() if not line.startswith(("[", "\t"))]
+
+
+def files_of(job: Path) -> set[str]:
+    return {str(p.relative_to(job)) for p in job.rglob("*") if "events" not in p.name}
+
+
+def test_fused_jobs_equal_unfused_jobs_one_by_one(tmp_path: Path):
+    fused = run_cli("-m", *GRID, *FAST, "hydra.sweep.dir=fused", cwd=tmp_path)
+    plain = run_cli("-m", *GRID, *FAST, "fuse.enabled=false", "hydra.sweep.dir=plain", cwd=tmp_path)
+    out = fused.stderr + fused.stdout
+    assert "group 0: 24 jobs, 24 models, one task" in out
+    assert "fit 1 of 2: 16 jobs, 16 models" in out  # folds 0 and 1: 135 training rows
+    assert "fit 2 of 2: 8 jobs, 8 models" in out  # fold 2: 134
+    # The same table, the same job directories, numbered as Hydra numbers them.
+    assert table(fused.stdout) == table(plain.stdout.replace("plain", "fused"))
+    a, b = job_dirs(tmp_path / "fused"), job_dirs(tmp_path / "plain")
+    assert [j.name for j in a] == [j.name for j in b] and len(a) == 24
+    for x, y in zip(a, b, strict=True):
+        assert files_of(x) == files_of(y), x.name
+        for name in SAME:
+            assert (x / name).read_text() == (y / name).read_text(), (x.name, name)
+        mx, my = read_metrics(x), read_metrics(y)
+        for key in ("train/mae", "val/mae", "test/mae", "test/mse", "history", "seed", "head"):
+            assert mx[key] == my[key], (x.name, key)
+        assert mx["config"]["output_dir"] == str(x.absolute())
+        # Their own config and overrides: the same but for the unfused sweep's fuse.enabled.
+        cx, cy = ((j / ".hydra/config.yaml").read_text() for j in (x, y))
+        assert cx == cy.replace("enabled: false", "enabled: true")
+        ox, oy = ((j / ".hydra/overrides.yaml").read_text() for j in (x, y))
+        assert ox == oy.replace("- fuse.enabled=False\n", "")
+        sx, sy = scalars(x), scalars(y)
+        assert sx == sy, x.name
+        ca = torch.load(x / "checkpoints/last.ckpt", weights_only=True)
+        cb = torch.load(y / "checkpoints/last.ckpt", weights_only=True)
+        assert ca["hyper_parameters"] == cb["hyper_parameters"]
+        assert ca["state_dict"].keys() == cb["state_dict"].keys()
+        for k, v in ca["state_dict"].items():
+            assert torch.equal(v, cb["state_dict"][k]), (x.name, k)
+        assert (
+            ca["callbacks"]["JobRecorder"]["history"] == cb["callbacks"]["JobRecorder"]["history"]
+        )
+
+
+def test_replicas_per_job_and_the_cap(tmp_path: Path):
+    """model.replicas=K gives K replicas per job; fuse.max_replicas splits bigger groups."""
+    args = ("-m", "head=none,tanh,relu", "model.replicas=2", *FAST, "fuse.max_replicas=4")
+    proc = run_cli(*args, "hydra.sweep.dir=s", cwd=tmp_path)
+    out = proc.stderr + proc.stdout
+    assert "group 0: 2 jobs, 4 models" in out and "group 2: 1 jobs, 2 models" in out
+    lone = train_alone(tmp_path, "head=tanh", "model.replicas=2")
+    job = job_dirs(tmp_path / "s")[1]
+    assert read_metrics(job)["test/mae"] == lone["test/mae"]
+    assert np.array_equal(
+        np.load(job / "replicas.npz")["test_pred"],
+        np.load(tmp_path / "lone" / "replicas.npz")["test_pred"],
+    )
+
+
+def train_alone(tmp_path: Path, *overrides: str) -> dict:
+    run_cli(*overrides, *FAST, "hydra.run.dir=lone", cwd=tmp_path)
+    return read_metrics(tmp_path / "lone")
+
+
+def test_a_diverging_job_fails_alone_and_the_others_train_on(tmp_path: Path):
+    """At lr=1e6 the unbounded head=none diverges in its first epoch, while sigmoid and tanh
+    (bounded, saturated) stay finite: one fit, one failed job, the others their lone runs."""
+    args = ("-m", "head=none,sigmoid,tanh", "optim.lr=1e6")
+    proc = run_cli(*args, *FAST, "hydra.sweep.dir=s", cwd=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "group 0: 3 jobs, 3 models, one task" in proc.stderr + proc.stdout
+    bad, *good = job_dirs(tmp_path / "s")
+    failure = json.loads((bad / "failure.json").read_text())
+    assert failure["status"] == "failed" and "diverged" in failure["error"]
+    assert not (bad / "metrics.json").exists()
+    plain = run_cli(
+        *args, *FAST, "fuse.enabled=false", "hydra.sweep.dir=p", cwd=tmp_path, check=False
+    )
+    assert plain.returncode == 1
+    p_bad, *p_good = job_dirs(tmp_path / "p")
+    for x, y in zip(good, p_good, strict=True):
+        assert (x / "replicas.csv").read_text() == (y / "replicas.csv").read_text()
+        assert read_metrics(x)["history"] == read_metrics(y)["history"]
+        assert scalars(x) == scalars(y)
+    assert "diverged" in json.loads((p_bad / "failure.json").read_text())["error"]
+
+
+def test_one_jobs_bad_settings_are_reported_before_training(tmp_path: Path):
+    proc = run_cli(
+        "-m",
+        "data.fold=0,7",
+        "data.num_folds=4",
+        *FAST,
+        "hydra.sweep.dir=s",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1
+    good, bad = job_dirs(tmp_path / "s")
+    assert (good / "metrics.json").exists()
+    assert "data.fold=7" in json.loads((bad / "failure.json").read_text())["error"]
+    log = proc.stdout  # Hydra's log goes to stdout
+    assert log.index("will not train: data.fold=7") < log.index("fit 1 of 1: 1 jobs, 1 models")
+
+
+def test_group_file_holds_composed_configs(tmp_path: Path):
+    run_cli("-m", "head=none,relu", *FAST, "hydra.sweep.dir=s", cwd=tmp_path)
+    group = pickle.loads((tmp_path / "s/.fused/0/group.pkl").read_bytes())
+    assert [str(g.head.name) for g in group] == ["none", "relu"]
+    assert [int(g.hydra.job.num) for g in group] == [0, 1]
+
+
+@pytest.mark.parametrize("launcher", ["parallel"])
+def test_fused_groups_run_under_another_launcher(tmp_path: Path, launcher: str):
+    args = ("-m", "head=none,relu", "data.target_scaling=none,standard", *FAST)
+    run_cli(*args, f"hydra/launcher={launcher}", "hydra.sweep.dir=l", cwd=tmp_path)
+    run_cli(*args, "hydra.sweep.dir=b", cwd=tmp_path)
+    for x, y in zip(job_dirs(tmp_path / "l"), job_dirs(tmp_path / "b"), strict=True):
+        assert (x / "replicas.csv").read_text() == (y / "replicas.csv").read_text()
+
+
+def test_lone_train_is_a_fit_of_one_job(make_cfg, tmp_path: Path):
+    m = train(make_cfg(*FAST, output_dir=tmp_path / "a"))
+    assert m["replicas"] == 1 and (tmp_path / "a/checkpoints/last.ckpt").is_file()
