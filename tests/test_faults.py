@@ -332,7 +332,7 @@ def test_resuming_a_finished_job_changes_nothing(one_epoch_job: Path, tmp_path: 
 
 
 def mount_tmpfs(path: Path, size: str) -> None:
-    path.mkdir()
+    path.mkdir(parents=True)
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
     if proc.returncode != 0:
         pytest.skip("a full disk is simulated with a small tmpfs, which needs root to mount")
@@ -342,8 +342,9 @@ def test_a_full_disk_fails_in_one_line_and_the_sweep_stops_with_its_summary(tmp_
     disk = tmp_path / "disk"
     mount_tmpfs(disk, "150k")  # room for about one job
     try:
-        heads = "head=relu,none,sigmoid,tanh"
-        sweep = ("-m", heads, "trainer.max_epochs=2", QUIET, f"hydra.sweep.dir={disk / 's'}")
+        heads = "head=relu,none,sigmoid,tanh"  # one task per job, so that the first fits
+        sweep = ("-m", heads, "fuse.enabled=false", "trainer.max_epochs=2", QUIET)
+        sweep = (*sweep, f"hydra.sweep.dir={disk / 's'}")
         proc = run_cli(*sweep, cwd=tmp_path, check=False)
         assert proc.returncode == 1
         err = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -356,6 +357,31 @@ def test_a_full_disk_fails_in_one_line_and_the_sweep_stops_with_its_summary(tmp_
         assert not (disk / "s" / ".lock").exists()
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_a_full_disk_under_one_fused_job_fails_that_job_alone(tmp_path: Path):
+    """Three heads train as one fit; job 1's directory is a full disk. Job 1 fails in one
+    line, the other two finish with their own files, and no traceback is printed."""
+    sweep = tmp_path / "s"
+    full = sweep / "1_head=none,trainer.max_epochs=2"
+    mount_tmpfs(full, "40k")  # room for .hydra/ and little else
+    try:
+        args = ("-m", "head=relu,none,sigmoid", "trainer.max_epochs=2", QUIET)
+        proc = run_cli(*args, f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+        assert proc.returncode == 1
+        assert "group 0: 3 jobs, 3 models, one task" in proc.stdout
+        assert "Traceback" not in proc.stderr + proc.stdout
+        failed = [line for line in proc.stdout.splitlines() if "job failed:" in line]
+        assert len(failed) == 1 and failed[0].endswith(
+            f"job failed: {full.name}: OSError: [Errno 28] No space left on device"
+        )
+        first, _, third = job_dirs(sweep)
+        assert [read_metrics(j)["head"] for j in (first, third)] == ["relu", "sigmoid"]
+        for job in (first, third):
+            assert (job / "checkpoints/last.ckpt").is_file() and (job / "predictions.csv").is_file()
+        assert not list(full.rglob("*.tmp")) and not list(full.rglob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(full)])
 
 
 def test_a_second_live_sweep_into_the_same_directory_is_refused(tmp_path: Path):

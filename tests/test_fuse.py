@@ -13,7 +13,7 @@ import torch
 
 from housing_reg.train import train
 
-from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
+from conftest import FAST, job_dirs, need, read_metrics, run_cli, scalars
 
 # heads x seeds x folds x scalings, in 2 epochs: 24 jobs, 3 fits (the folds' sizes differ)
 GRID = (
@@ -152,3 +152,56 @@ def test_fused_groups_run_under_another_launcher(tmp_path: Path, launcher: str):
 def test_lone_train_is_a_fit_of_one_job(make_cfg, tmp_path: Path):
     m = train(make_cfg(*FAST, output_dir=tmp_path / "a"))
     assert m["replicas"] == 1 and (tmp_path / "a/checkpoints/last.ckpt").is_file()
+
+
+def test_ctrl_c_stops_the_group_and_resume_continues_each_job(tmp_path: Path):
+    """Ctrl-C in epoch 2 of 3 stops the fused group: every job is recorded as interrupted
+    with its epoch-1 checkpoint, and resume=true finishes each job to the numbers of a sweep
+    that was never interrupted."""
+    args = ("-m", "head=none,tanh", "seed=0,5", "trainer.max_epochs=3", *FAST[1:])
+    by_num = "hydra.sweep.subdir=${hydra.job.num}"  # the same dirs without the interrupt
+    ctrl_c = ("+callbacks.interrupt._target_=interrupt.InterruptAt", "+callbacks.interrupt.epoch=1")
+    env = {"PYTHONPATH": str(Path(__file__).parent)}  # tests/interrupt.py
+    cut = run_cli(*args, by_num, *ctrl_c, "hydra.sweep.dir=cut", cwd=tmp_path, check=False, env=env)
+    assert cut.returncode == 1, cut.stderr[-2000:]
+    last = cut.stderr.strip().splitlines()[-1]
+    assert last == (
+        "error: interrupted with 1 of 3 epochs done; "
+        "to continue, rerun the sweep with resume=true hydra.sweep.dir=cut"
+    )
+    assert "Traceback" not in cut.stderr
+    jobs = job_dirs(tmp_path / "cut")
+    assert len(jobs) == 4
+    for job in jobs:
+        assert json.loads((job / "failure.json").read_text())["status"] == "interrupted"
+        saved = torch.load(job / "checkpoints/last.ckpt", weights_only=True)
+        assert saved["epoch"] == 0 and saved["hyper_parameters"]["replicas"] == 1
+    run_cli(*args, by_num, "resume=true", "hydra.sweep.dir=cut", cwd=tmp_path)
+    run_cli(*args, by_num, "hydra.sweep.dir=full", cwd=tmp_path)
+    for a, b in zip(jobs, job_dirs(tmp_path / "full"), strict=True):
+        for name in SAME:
+            assert (a / name).read_text() == (b / name).read_text(), (a.name, name)
+        assert read_metrics(a)["history"] == read_metrics(b)["history"]
+        assert not (a / "failure.json").exists()
+
+
+def test_optunas_batches_of_trials_fuse(tmp_path: Path):
+    """hparams_search=optuna with 4 trials per batch, searching only the head: the batch
+    trains as one fit, and every trial's numbers and Optuna's best value are the unfused ones."""
+    need("optuna", "tune")
+    fixed = "optim.lr:'choice(0.001)',data.batch_size:'choice(32)',model.width:'choice(64)'"
+    params = f"hydra.sweeper.params={{{fixed},trainer.max_epochs:'choice(2)',head:'choice(none,relu,sigmoid,tanh)'}}"
+    args = ("-m", "hparams_search=optuna", params, "hydra.sweeper.n_trials=4")
+    args = (*args, "hydra.sweeper.n_jobs=4", *FAST[1:])
+    fused = run_cli(*args, "hydra.sweep.dir=f", cwd=tmp_path)
+    run_cli(*args, "fuse.enabled=false", "hydra.sweep.dir=p", cwd=tmp_path)
+    assert "group 0: 4 jobs, 4 models, one task" in fused.stdout
+    a, b = job_dirs(tmp_path / "f"), job_dirs(tmp_path / "p")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        assert (x / ".hydra/overrides.yaml").read_text() == (
+            (y / ".hydra/overrides.yaml").read_text().replace("- fuse.enabled=False\n", "")
+        )
+        assert read_metrics(x)["val/mae"] == read_metrics(y)["val/mae"]
+    best = [(tmp_path / d / "optimization_results.yaml").read_text() for d in ("f", "p")]
+    assert best[0] == best[1]

@@ -45,8 +45,9 @@ def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
 
 
 def test_parallel_launcher_runs_jobs_in_forked_processes(tmp_path: Path):
-    """Each job in a child forked from the sweep's process: same numbers as the basic one."""
-    args = ("-m", "head=none,sigmoid", *FAST)
+    """Each job in a child forked from the sweep's process: same numbers as the basic one.
+    (Unfused, so that there are two tasks; test_fuse.py runs fused groups under it.)"""
+    args = ("-m", "head=none,sigmoid", "fuse.enabled=false", *FAST)
     proc = run_cli(*args, "hydra/launcher=parallel", "hydra.sweep.dir=par", cwd=tmp_path)
     assert "Launching 2 jobs, 2 at a time in forked processes" in proc.stderr + proc.stdout
     run_cli(*args, "hydra.sweep.dir=seq", cwd=tmp_path)

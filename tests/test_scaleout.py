@@ -338,14 +338,14 @@ def test_optuna_minimizes_validation_mae_reproducibly(tmp_path: Path):
 
 def test_jobs_run_in_one_process_do_not_pile_up(make_cfg, monkeypatch: pytest.MonkeyPatch):
     """Optuna trials and basic-launcher jobs share a process: each job must be freed."""
-    models, original = [], train_module.build
+    models, original = [], train_module.build_model
 
-    def build(cfg):
-        data, model, trainer, recorder = original(cfg)
+    def build_model(jobs, data):
+        model = original(jobs, data)
         models.append(weakref.ref(model))
-        return data, model, trainer, recorder
+        return model
 
-    monkeypatch.setattr(train_module, "build", build)
+    monkeypatch.setattr(train_module, "build_model", build_model)
     for _ in range(2):
         train_module.train(make_cfg("data.batch_size=64", *TINY))
     gc.collect()

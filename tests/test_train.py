@@ -10,7 +10,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from housing_reg.train import build, train
+from housing_reg.data import FitData
+from housing_reg.settings import create
+from housing_reg.train import build_model, prepare, train
 
 from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
 
@@ -26,7 +28,9 @@ def test_overrides_reach_the_model_optimizer_and_trainer(make_cfg):
         "seed=5",
         "model.replicas=2",
     )
-    data, model, trainer, _ = build(cfg)
+    job = prepare(0, cfg)
+    data = FitData([job.data])
+    model, trainer = build_model([job], data), create(cfg.trainer)
     assert [tuple(w.shape) for w in model.net.weights] == [(2, 13, 16), (2, 16, 8), (2, 8, 1)]
     assert isinstance(model.head, torch.nn.Tanh)
     assert model.configure_optimizers().param_groups[0]["lr"] == 3e-4

@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from importlib.resources import files
@@ -29,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from housing_reg.record import find_jobs, read_job, short_names, write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
 from hydra_plugins.housing_reg_launcher import ForkLauncher
-from hydra_plugins.housing_reg_launcher.fused import FusedSweeper
+from hydra_plugins.housing_reg_launcher import fused
 
 log = logging.getLogger("housing_reg")
 
@@ -54,6 +55,7 @@ def start(main: Callable[[], Any]) -> None:
     # a job's .hydra/ config, say); with HYDRA_FULL_ERROR it re-raises instead, and the
     # errors are reported here, in one line, with the sweep's summary so far.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    threading.excepthook = quiet_write_errors
     try:
         main()
         sys.stdout.flush()
@@ -66,13 +68,24 @@ def start(main: Callable[[], Any]) -> None:
         stopped(f"{type(e).__name__}: {e}")
 
 
+def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard writes event files from a thread; a full disk there is one line, not a
+    traceback (the job's next write raises it again, and that fails the job)."""
+    if isinstance(args.exc_value, OSError):
+        log.error("could not write: %s: %s", type(args.exc_value).__name__, args.exc_value)
+    else:
+        threading.__excepthook__(args)
+
+
 def register_launchers() -> None:
     """This package's launchers: hydra/launcher=parallel's and, with the `slurm` extra,
     hydra/launcher=slurm's. An editable install hides src/hydra_plugins from Hydra's own plugin
     scan, so they are registered here (a no-op when the scan found them)."""
     plugins = Plugins.instance()  # the scan runs first, so what it imported stays imported
     plugins.register(ForkLauncher)
-    plugins.register(FusedSweeper)
+    plugins.register(fused.FusedSweeper)
+    if fused.FusedOptunaSweeper is not None:
+        plugins.register(fused.FusedOptunaSweeper)
     # Imported after the scan: the class registered is the one its jobs unpickle. It also
     # stores the launcher's schema (hydra/launcher/schema/slurm); without the extra it
     # defines nothing.

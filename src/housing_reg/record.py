@@ -156,8 +156,14 @@ class JobRecorder:
         return metrics
 
     def close(self) -> None:
-        if self.logger is not None:
+        """Flush and close the job's TensorBoard run (Lightning also writes hparams.yaml)."""
+        if self.logger is None:
+            return
+        try:
             self.logger.finalize("success" if self.error is None else "failed")
+        except OSError as e:  # a full disk: the job fails unless its results are written
+            if not self.metrics:
+                self.error = self.error or e
 
 
 class FitRecorder(Checkpoint):
@@ -190,7 +196,10 @@ class FitRecorder(Checkpoint):
         self._start = time.perf_counter()
         for job in self.jobs:
             if job.logger is not None:
-                job.logger.log_hyperparams(job.hparams)
+                try:
+                    job.logger.log_hyperparams(job.hparams)
+                except OSError as e:  # a full disk: this job fails, the others train on
+                    job.error = e
 
     def on_fit_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
         elapsed = time.perf_counter() - self._start
@@ -202,7 +211,7 @@ class FitRecorder(Checkpoint):
         for job in self.live:
             try:
                 job.record_epoch(trainer.global_step, done, model.results)
-            except FloatingPointError as e:
+            except (FloatingPointError, OSError) as e:  # diverged, or its disk is full
                 job.error = e
         if not self.live:
             trainer.should_stop = True  # nothing left to train
@@ -240,7 +249,7 @@ class JobCheckpoints(CheckpointIO):
             try:
                 target = job.dir / CHECKPOINT
                 target.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(target, lambda tmp, share=share: torch.save(share, tmp))
+                write_atomic(target, lambda tmp, share=share: tmp.write_bytes(to_bytes(share)))
             except OSError as e:
                 job.error = e
 
@@ -397,6 +406,14 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def to_bytes(obj: Any) -> bytes:
+    """torch.save into memory: written as bytes, a full disk is an OSError (torch.save into a
+    file raises a RuntimeError about zip positions instead)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def write_text(path: Path, text: str) -> None:

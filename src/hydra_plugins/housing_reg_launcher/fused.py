@@ -63,7 +63,10 @@ class FusingLauncher(Launcher):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(pickle.dumps(group))
             where = [f"hydra.sweep.subdir={GROUPS}/{k}", "hydra.output_subdir=null"]
-            tasks.append([f"fuse.group='{path}'", *where])
+            # The first job's overrides too: the task composes as the jobs do (a sweeper chosen
+            # by hparams_search, say), though it trains the configs in group.pkl.
+            first = list(group[0].hydra.overrides.task)
+            tasks.append([*first, f"fuse.group='{path}'", *where])
             models = sum(int(j.model.replicas) for j in group)
             log.info(f"group {k}: {len(group)} jobs, {models} models, one task")
             for j in group:
@@ -163,3 +166,21 @@ class FusedSweeper(BasicSweeper):
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         pass
+
+
+try:  # the `tune` extra: hparams_search=optuna, whose batches of trials fuse as well
+    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+except ImportError:  # without the extra, hparams_search=optuna names it (cli.check_choices)
+    FusedOptunaSweeper = None
+else:
+
+    class FusedOptunaSweeper(OptunaSweeper):  # type: ignore[no-redef]
+        """Hydra's Optuna sweeper, its launcher behind a FusingLauncher: the trials of one
+        batch (hydra.sweeper.n_jobs of them) that can share a fit train as one task."""
+
+        def setup(
+            self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+        ) -> None:
+            super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+            inner = self.sweeper.launcher
+            self.sweeper.launcher = FusingLauncher(inner, hydra_context, config)
