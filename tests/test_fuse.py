@@ -190,7 +190,8 @@ def test_optunas_batches_of_trials_fuse(tmp_path: Path):
     trains as one fit, and every trial's numbers and Optuna's best value are the unfused ones."""
     need("optuna", "tune")
     fixed = "optim.lr:'choice(0.001)',data.batch_size:'choice(32)',model.width:'choice(64)'"
-    params = f"hydra.sweeper.params={{{fixed},trainer.max_epochs:'choice(2)',head:'choice(none,relu,sigmoid,tanh)'}}"
+    heads = "trainer.max_epochs:'choice(2)',head:'choice(none,relu,sigmoid,tanh)'"
+    params = f"hydra.sweeper.params={{{fixed},{heads}}}"
     args = ("-m", "hparams_search=optuna", params, "hydra.sweeper.n_trials=4")
     args = (*args, "hydra.sweeper.n_jobs=4", *FAST[1:])
     fused = run_cli(*args, "hydra.sweep.dir=f", cwd=tmp_path)

@@ -29,8 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from housing_reg.record import find_jobs, read_job, short_names, write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
-from hydra_plugins.housing_reg_launcher import ForkLauncher
-from hydra_plugins.housing_reg_launcher import fused
+from hydra_plugins.housing_reg_launcher import ForkLauncher, fused
 
 log = logging.getLogger("housing_reg")
 
