@@ -1,10 +1,13 @@
-"""Per-step cost of housing_reg's training paths against a plain PyTorch loop, in one run.
+"""housing_reg's speed against baselines measured in the same run.
 
-    python scripts/bench.py [--repeats 3] [--out bench.json]
+    python scripts/bench.py [--repeats 3] [--out bench.json] [--no-sweeps]
 
-The workload is thousands of tiny steps (batch 1, 13-64-64-1), so what is measured is
-per-step overhead. Every measurement is repeated (interleaved, so drift hits all alike) and
-the median is reported, as microseconds per optimizer step and as a ratio to the plain loop.
+Two tables. Per optimizer step: thousands of tiny steps (batch 1, 13-64-64-1), so what is
+measured is per-step overhead, as µs/step and as a ratio to a plain PyTorch loop; the fused
+4-head sweep's row is its fit time / (steps x models). End to end: wall seconds of what a user
+types (a lone job, the README's 4-head sweep, 4 heads x 10 seeds), fused and unfused
+(fuse.enabled=false), as ratios to one lone job and to the same sweep unfused. Every
+measurement is repeated (interleaved, so drift hits all alike) and the median reported.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from torch import nn
 
 from housing_reg.data import RegressionData
 from housing_reg.model import StackedMLP
-from housing_reg.train import build
+from housing_reg.train import train
 
 EPOCHS = 7
 HEADS = ["relu", "none", "sigmoid", "tanh"]
+OFF, SEEDS = "fuse.enabled=false", "seed=range(0,10)"
 
 
 def plain_loop(epochs: int = EPOCHS) -> float:
@@ -92,16 +96,14 @@ def lightning_floor(epochs: int = EPOCHS) -> float:
 
 
 def lightning_fit(*overrides: str) -> float:
-    """housing_reg's own path (build + Trainer.fit, progress bar and logger on); µs/step."""
+    """housing_reg's own path for one job (train(cfg): its fit, progress bar and logger on);
+    µs per optimizer step, from the job's own fit_seconds."""
     with (
         tempfile.TemporaryDirectory() as out,
         initialize_config_module("housing_reg.conf", version_base="1.3"),
     ):
-        cfg = compose("config", overrides=[f"output_dir={out}", *overrides])
-        data, model, trainer, _ = build(cfg)
-        start = time.perf_counter()
-        trainer.fit(model, datamodule=data)
-        return (time.perf_counter() - start) / trainer.global_step * 1e6
+        m = train(compose("config", overrides=[f"output_dir={out}", *overrides]))
+        return m["fit_seconds"] / m["steps"] * 1e6
 
 
 def plain_stacked(replicas: int, device: str, epochs: int = 2) -> float:
@@ -126,37 +128,29 @@ def plain_stacked(replicas: int, device: str, epochs: int = 2) -> float:
     return (time.perf_counter() - start) / steps * 1e6
 
 
-SWEEPS: dict[str, dict[str, float]] = {}  # name -> wall, sum of fit_seconds, per sample
+WALLS: dict[str, list[float]] = {}  # name -> wall seconds of each repeat
+FUSED_FITS: list[float] = []  # the fused 4-head sweep's µs per model-step, each repeat
 
 
-def cli_sweep(*overrides: str) -> float:
-    """The head sweep end to end as a user runs it (imports and start-up included); µs/step.
-    Also keeps its wall time and the jobs' own fit_seconds for the sweep-overhead table."""
+def cli(name: str, *args: str) -> float:
+    """`python -m housing_reg.train ARGS` end to end as a user runs it (imports, start-up,
+    every file written); its wall time in seconds, also kept under `name`."""
     with tempfile.TemporaryDirectory() as cwd:
         start = time.perf_counter()
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "housing_reg.train",
-                "-m",
-                f"head={','.join(HEADS)}",
-                "hydra.sweep.dir=sweep",
-                *overrides,
-            ],
+            [sys.executable, "-m", "housing_reg.train", *args, "hydra.sweep.dir=sweep"],
             cwd=cwd,
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wall = time.perf_counter() - start
-        fit = sum(
-            json.loads(p.read_text())["fit_seconds"] for p in Path(cwd).glob("sweep/*/metrics.json")
-        )
-    sample = SWEEPS.setdefault(" ".join(overrides) or "sequential", {"wall": [], "fit": []})
-    sample["wall"].append(wall)
-    sample["fit"].append(fit)
-    return wall / (len(HEADS) * EPOCHS * 404) * 1e6
+        if name == "4 heads, fused":  # fit time / (steps x models), the fit's own clock
+            runs = [json.loads(p.read_text()) for p in Path(cwd).glob("sweep/*/metrics.json")]
+            fit, steps = runs[0]["fit_seconds"], runs[0]["steps"]
+            FUSED_FITS.append(fit / (steps * len(runs)) * 1e6)
+    WALLS.setdefault(name, []).append(wall)
+    return wall
 
 
 def import_lightning() -> float:
@@ -198,20 +192,30 @@ def main() -> None:
         "plain loop, stacked model (R=1)": (plain_stacked, 1, "cpu", EPOCHS),
         "housing_reg Lightning fit": (lightning_fit, quiet),
         "  same, data.steps_per_block=1": (lightning_fit, quiet, "data.steps_per_block=1"),
-        "replicas=1": (lightning_fit, quiet, "model.replicas=1"),
         "replicas=10": (lightning_fit, quiet, "model.replicas=10"),
         "replicas=40": (lightning_fit, quiet, "model.replicas=40"),
     }
+    heads = f"head={','.join(HEADS)}"
+    walls: dict[str, tuple] = {}  # wall seconds, end to end
     if not args.no_sweeps:
-        cases["CLI sweep, 4 heads"] = (cli_sweep,)
-        cases["CLI sweep, 4 heads x 10 replicas"] = (cli_sweep, "model.replicas=10")
+        walls = {
+            "lone job (python -m housing_reg.train)": (cli, "lone"),
+            "4 heads, fused": (cli, "4 heads, fused", "-m", heads),
+            "4 heads, unfused (fuse.enabled=false)": (cli, "4 heads, unfused", "-m", heads, OFF),
+            "4 heads x 10 seeds, fused": (cli, "40 jobs, fused", "-m", heads, SEEDS),
+            "4 heads x 10 seeds, unfused": (cli, "40 jobs, unfused", "-m", heads, SEEDS, OFF),
+            "import lightning": (import_lightning,),
+        }
         if find_spec("hydra_plugins.hydra_joblib_launcher"):
-            cases["CLI sweep, 4 heads, hydra/launcher=parallel"] = (
-                cli_sweep,
+            walls["4 heads, unfused, hydra/launcher=parallel"] = (
+                cli,
+                "4 heads, parallel",
+                "-m",
+                heads,
+                OFF,
                 "hydra/launcher=parallel",
             )
-    if not args.no_sweeps:
-        cases["import lightning (s, not µs/step)"] = (import_lightning,)
+    cases |= walls
     gpu = torch.cuda.is_available()
     if gpu:  # each against the plain stacked loop on the same GPU, in the same run
         for r in (1, 10000):
@@ -227,39 +231,38 @@ def main() -> None:
     for rep in range(args.repeats):
         for name, (fn, *fn_args) in cases.items():
             samples[name].append(fn(*fn_args))
+            unit = "s" if name in walls else "µs/step"
             print(
-                f"[{rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.0f} µs/step",
+                f"[{rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.2f} {unit}",
                 file=sys.stderr,
             )
 
     base = statistics.median(samples["plain PyTorch loop (baseline)"])
-    r1 = statistics.median(samples["replicas=1"])
+    r1 = statistics.median(samples["housing_reg Lightning fit"])
     rows = []
-    print(f"\n{'path':<46} {'µs/step':>9} {'x plain':>8} {'x R=1':>7}")
-    for name, values in samples.items():
+    print(f"\n{'path (µs per optimizer step)':<46} {'µs/step':>9} {'x plain':>8} {'x R=1':>7}")
+    steps = {name: v for name, v in samples.items() if name not in walls}
+    if FUSED_FITS:
+        steps["4 heads fused: fit s / (steps x models)"] = FUSED_FITS
+    for name, values in steps.items():
         med = statistics.median(values)
-        rows.append(
-            {
-                "path": name,
-                "us_per_step": med,
-                "ratio_to_plain": med / base,
-                "ratio_to_replicas_1": med / r1,
-                "samples": values,
-            }
-        )
+        rows.append({"path": name, "us_per_step": med, "ratio_to_plain": med / base})
+        rows[-1] |= {"ratio_to_replicas_1": med / r1, "samples": values}
         print(f"{name:<46} {med:>9.0f} {med / base:>8.2f} {med / r1:>7.2f}")
     sweeps = []
-    if SWEEPS:
-        imp = statistics.median(samples["import lightning (s, not µs/step)"])
-        seq = statistics.median(SWEEPS["sequential"]["wall"])
-        print(f"\n{'sweep (4 heads)':<36} {'wall s':>7} {'Σ fit s':>8} {'rest s':>7} {'x seq':>6}")
-        for name, s in SWEEPS.items():
-            wall, fit = statistics.median(s["wall"]), statistics.median(s["fit"])
-            rest = wall - imp - fit  # all but one import of lightning and the training itself
-            sweeps.append({"sweep": name, "wall_s": wall, "sum_fit_s": fit, "rest_s": rest})
-            sweeps[-1] |= {"ratio_to_sequential": wall / seq, "samples": s}
-            print(f"{name:<36} {wall:>7.2f} {fit:>8.2f} {rest:>7.2f} {wall / seq:>6.2f}")
-        print(f"(rest = wall - import lightning ({imp:.2f} s) - Σ fit_seconds)")
+    if walls:
+        wall = {name: statistics.median(v) for name, v in WALLS.items()}
+        lone = wall["lone"]
+        print(f"\n{'end to end (wall s)':<36} {'wall s':>7} {'x lone':>7} {'x unfused':>10}")
+        for name in WALLS:
+            unfused = wall.get(name.replace("fused", "unfused"))
+            vs = f"{wall[name] / unfused:>10.2f}" if unfused and "unfused" not in name else ""
+            print(f"{name:<36} {wall[name]:>7.2f} {wall[name] / lone:>7.2f} {vs}")
+            sweeps.append({"run": name, "wall_s": wall[name], "ratio_to_lone": wall[name] / lone})
+            sweeps[-1] |= {"ratio_to_unfused": wall[name] / unfused if vs else None}
+            sweeps[-1] |= {"samples": WALLS[name]}
+        imp = statistics.median(samples["import lightning"])
+        print(f"(import lightning alone: {imp:.2f} s of every process)")
     if gpu:
         for r in (1, 10000):
             ratio = statistics.median(

@@ -193,6 +193,7 @@ def test_ray_sweep_on_a_running_cluster(tmp_path: Path):
         )
         assert hydra_cfg["hydra"]["sweep"]["dir"] == str(driver_dir / "sweep")
         assert summary_heads(proc.stdout) == HEADS  # the driver found every job's results
+        assert "group 0: 4 jobs, 4 models, one task" in proc.stdout  # fused: one Ray task
         assert non_loopback_addresses(root) == set()
     finally:
         subprocess.run(["rm", "-rf", str(root)], check=False)
@@ -227,6 +228,7 @@ def test_ray_sweep_on_a_ray_the_launcher_starts(tmp_path: Path):
         assert driver.returncode == 0, out[-3000:]
         check_sweep(tmp_path / "sweep", ["relu", "sigmoid"])
         assert summary_heads(out) == ["relu", "sigmoid"]
+        assert "group 0: 2 jobs, 2 models, one task" in out
         assert non_loopback_addresses(root) == set()
         assert not _live_members(driver.pid)  # the plugin stopped its Ray
     finally:

@@ -12,6 +12,7 @@ sweep's summary see the jobs they asked for, numbered as Hydra numbers them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import pickle
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from housing_reg import fuse
+from hydra_plugins.housing_reg_launcher.slurm import NoResult, record_lost_job
 
 log = logging.getLogger(__name__)
 GROUPS = ".fused"  # SWEEP/.fused/K: each group's pickled job configs and its task's log
@@ -73,6 +75,12 @@ class FusingLauncher(Launcher):
                 shown = " ".join(filter_overrides(j.hydra.overrides.task))
                 log.info(f"\t#{j.hydra.job.num} : {shown}")
         returns = self.inner.launch(tasks, initial_job_idx)
+        for group, r in zip(groups, returns, strict=True):
+            if isinstance(r, NoResult):  # Slurm ended the group's task: each job's record
+                for j in group:
+                    lost = dataclasses.replace(r, job_dir=str(j.hydra.runtime.output_dir))
+                    lost.overrides = list(j.hydra.overrides.task)
+                    record_lost_job(lost)
         return [job_return(j, r) for group, r in zip(groups, returns, strict=True) for j in group]
 
     def compose(self, idx: int, overrides: Sequence[str]) -> DictConfig:
@@ -107,7 +115,8 @@ def job_return(job: DictConfig, group: JobReturn) -> JobReturn:
         status=group.status,
     )
     if group.status == JobStatus.COMPLETED:
-        ret._return_value = group.return_value[int(job.hydra.job.num)]
+        values = group.return_value  # {job number: value}; None from a task Slurm ended
+        ret._return_value = values[int(job.hydra.job.num)] if isinstance(values, dict) else None
     else:
         ret._return_value = group._return_value  # the task's exception, raised on access
     return ret
