@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -112,11 +113,24 @@ class Regressor(L.LightningModule):
         y_shift=0.0,
         y_scale=1.0,
         seeds: Sequence[int] | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
-            ignore=["head", "optimizer", "x_shift", "x_scale", "y_shift", "y_scale", "seeds"]
+            ignore=[
+                "head",
+                "optimizer",
+                "lr_scheduler",
+                "x_shift",
+                "x_scale",
+                "y_shift",
+                "y_scale",
+                "seeds",
+            ]
         )
+        self.scheduler_factory = lr_scheduler
         self.automatic_optimization = False  # one plain step per mini-batch, no closures
         self.seeds = list(seeds) if seeds is not None else replica_seeds(seed, replicas)
         self.net = StackedMLP(num_features, list(hidden), self.seeds)
@@ -157,8 +171,11 @@ class Regressor(L.LightningModule):
         """Raw CSV features (N, F) -> predictions in original units, shape (R, N)."""
         return self.unscale(self(self.scale_inputs(x_raw))).squeeze(-1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     # -- training -----------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -175,8 +192,26 @@ class Regressor(L.LightningModule):
             # afresh every step costs more than the step (scripts/bench.py).
             opt.zero_grad(set_to_none=False)
             self.manual_backward(loss)
+            if self.hparams.gradient_clip_val is not None:
+                self.clip_gradients_per_replica()
             opt.step()
             self._epoch.append((pred.detach(), y))
+
+    @torch.no_grad()
+    def clip_gradients_per_replica(self) -> None:
+        """trainer.gradient_clip_val, as torch.nn.utils.clip_grad_norm_ / clip_grad_value_ do
+        it, but each replica by its own gradient norm: replica r stays the lone run with seed
+        + r. (Lightning's own clipping is not available under manual optimization.)"""
+        limit = self.hparams.gradient_clip_val
+        grads = [p.grad for p in self.net.parameters()]  # each stacked: (R, ...)
+        if self.hparams.gradient_clip_algorithm == "value":
+            for g in grads:
+                g.clamp_(-limit, limit)
+            return
+        norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+        factor = (limit / (norms + 1e-6)).clamp(max=1.0)  # (R,)
+        for g in grads:
+            g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
 
     def on_train_epoch_end(self) -> None:
         """Per replica: train MAE (target units), loss (scaled units), and whether finite."""
@@ -185,6 +220,22 @@ class Regressor(L.LightningModule):
         self.results["train/finite"] = torch.isfinite(pred).flatten(1).all(dim=1)
         self.results["train/mae"] = mae(*(self.unscale(t).squeeze(-1) for t in (pred, true)))
         self.results["train/loss"] = (pred - true).square().squeeze(-1).mean(dim=1)
+        self.step_lr_scheduler()
+
+    def step_lr_scheduler(self) -> None:
+        """Once per epoch, as Lightning documents for manual optimization (it steps nothing
+        itself then); plateau on this epoch's val/mae (one replica: settings.py). train/lr is
+        the lr this epoch trained with."""
+        opt = self.optimizers()
+        lr = opt.param_groups[0]["lr"]
+        self.results["train/lr"] = torch.full((self.replicas,), lr)
+        scheduler = self.lr_schedulers()
+        if scheduler is None:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(self.results["val/mae"].mean().item())
+        else:
+            scheduler.step()
 
     # -- evaluation: each split is one full batch ---------------------------------------------
     def predict_split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,6 +97,8 @@ class JobRecorder:
         self.log(step, "train/loss", results["train/loss"][r].mean().reshape(1))
         if "val/mae" in results:
             self.log(step, "val/mae", results["val/mae"][r])
+        if self.config["lr_scheduler"]["scheduler"] is not None:  # the lr this epoch used
+            self.log(step, "train/lr", results["train/lr"][r][:1])
 
     def log(self, step: int, name: str, per_replica: torch.Tensor) -> None:
         """One scalar for one model; mean, std, min and max across replicas otherwise.
@@ -138,6 +140,7 @@ class JobRecorder:
             "target_scaling": c["data"]["target_scaling"],
             "fold": c["data"]["fold"] if c["data"]["num_folds"] else None,
             "lr": c["optim"]["lr"],
+            "lr_scheduler": c["lr_scheduler"]["name"],
             "batch_size": c["data"]["batch_size"],
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
@@ -358,6 +361,7 @@ def log_hparams(logger: TensorBoardLogger, config: dict[str, Any], metrics: dict
         "seed": c["seed"],
         "lr": c["optim"]["lr"],
         "optimizer": c["optim"]["_target_"].rsplit(".", 1)[-1],
+        "lr_scheduler": c["lr_scheduler"]["name"],
         "batch_size": c["data"]["batch_size"],
         "max_epochs": c["trainer"]["max_epochs"],
         "hidden": "x".join(map(str, c["model"]["hidden"])),

@@ -49,6 +49,7 @@ TOP_LEVEL = {
     "model",
     "head",
     "optim",
+    "lr_scheduler",
     "trainer",
     "callbacks",
     "logger",
@@ -103,6 +104,8 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None and not str(cfg.ckpt_path):
         raise ConfigError("ckpt_path is empty; point it at a job's checkpoints/last.ckpt")
     check_arguments(cfg.optim, "optim")
+    check_trainer(cfg.trainer)
+    check_lr_scheduler(cfg)
     d = cfg.data
     try:
         check_settings(
@@ -117,6 +120,82 @@ def check_config(cfg: DictConfig) -> None:
         )
     except DataError as e:
         raise ConfigError(str(e)) from None
+
+
+# Trainer arguments whose meaning the manual, blocked loop changes (one optimizer step per
+# mini-batch, blocks of data.steps_per_block of them per Lightning batch, validation on all
+# validation rows once per epoch, one process per job): each with Lightning's default, which
+# is accepted, and what to use instead. gradient_clip_val, gradient_clip_algorithm and
+# enable_checkpointing work (train.trainer_settings); docs/layout.md lists them all.
+TRAINER_REFUSED = {
+    "accumulate_grad_batches": (
+        1,
+        "each mini-batch is one optimizer step; for bigger steps raise data.batch_size",
+    ),
+    "limit_train_batches": (
+        1.0,
+        "an epoch trains on every training row (it would count blocks of "
+        "data.steps_per_block steps); stop sooner with trainer.max_epochs",
+    ),
+    "max_steps": (-1, "training is counted in epochs here; use trainer.max_epochs"),
+    "min_steps": (None, "training is counted in epochs here; use trainer.max_epochs"),
+    "val_check_interval": (1.0, "validation runs once per epoch, on every validation row"),
+    "check_val_every_n_epoch": (1, "validation runs once per epoch, on every validation row"),
+    "limit_val_batches": (None, "validation uses every validation row; set data.val_fraction"),
+    "limit_test_batches": (None, "testing uses every test row; set data.test_split"),
+    "overfit_batches": (0.0, "an epoch trains on every training row"),
+    "devices": (
+        1,
+        "one process per job; run jobs in parallel with a sweep (-m) and "
+        "hydra/launcher=parallel, ray or slurm",
+    ),
+    "num_nodes": (
+        1,
+        "one process per job; run jobs in parallel with a sweep (-m) and "
+        "hydra/launcher=ray or slurm",
+    ),
+}
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """A trainer argument the manual, blocked loop would silently change: one line, before
+    anything is built (Lightning would refuse some with a traceback, and count others in
+    blocks of steps without a word)."""
+    for key, (default, why) in TRAINER_REFUSED.items():
+        value = trainer.get(key, default)
+        if value != default and not (key == "devices" and value in (1, [0], "1")):
+            raise ConfigError(f"trainer.{key}={value} is not supported: {why}")
+    algorithm = trainer.get("gradient_clip_algorithm", "norm")
+    if algorithm not in ("norm", "value"):
+        raise ConfigError(f"trainer.gradient_clip_algorithm={algorithm} must be norm or value")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+    ):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip} must be a number > 0 (or null: no clipping)"
+        )
+
+
+def check_lr_scheduler(cfg: DictConfig) -> None:
+    """plateau follows val/mae: it needs validation rows, and one model per job."""
+    sched = cfg.lr_scheduler.scheduler
+    if sched is None:
+        return
+    check_arguments(sched, "lr_scheduler.scheduler")
+    if cfg.lr_scheduler.name != "plateau":
+        return
+    if not (cfg.data.val_fraction or cfg.data.num_folds):
+        raise ConfigError(
+            "lr_scheduler=plateau follows val/mae, and there are no validation rows; "
+            "set data.val_fraction=0.2 (or data.num_folds)"
+        )
+    if cfg.model.replicas > 1:
+        raise ConfigError(
+            f"lr_scheduler=plateau with model.replicas={cfg.model.replicas}: the replicas "
+            "share one optimizer, which cannot lower one replica's lr alone; sweep seeds "
+            "instead (-m 'seed=range(10)' lr_scheduler=plateau) or use step or cosine"
+        )
 
 
 def check_arguments(node: DictConfig, group: str) -> None:

@@ -102,10 +102,12 @@ def prepare(index: int, cfg: DictConfig) -> Prepared:
 
 def fit_key(job: Prepared) -> tuple:
     """Jobs share a fit when fuse.py allows it, their splits have the same sizes (folds of
-    other sizes do not), they resume from the same epoch, and their head learns nothing."""
+    other sizes do not), they resume from the same epoch, their head learns nothing and no
+    schedule follows their own metric (plateau)."""
     sizes = tuple(x.shape for x, _ in job.data.splits.values())
     learns = any(True for _ in job.head.parameters())
-    alone = job.index if learns else None
+    plateau = job.cfg.lr_scheduler.name == "plateau"  # follows this job's own val/mae
+    alone = job.index if learns or plateau else None
     return fuse.fit_key(resolved(job.cfg)), sizes, job.progress, alone
 
 
@@ -128,11 +130,12 @@ def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
         )
         start += n
     resume_from = [j.resume_from for j in jobs]
+    trainer_cfg, checkpoints = trainer_settings(first)
     trainer: L.Trainer = create(
-        first.trainer,
+        trainer_cfg,
         logger=False,  # each job logs to its own TensorBoard run (JobRecorder)
         callbacks=[
-            FitRecorder(recorders, first.checkpoint_every),
+            FitRecorder(recorders, first.checkpoint_every if checkpoints else 0),
             *(create(c) for c in first.callbacks.values() if c is not None),
         ],
         plugins=[
@@ -165,6 +168,19 @@ def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
     return [outcomes[j.index] for j in sorted(jobs, key=lambda j: j.index)]
 
 
+# Trainer arguments this package carries out itself (settings.check_trainer refuses the ones
+# the manual, blocked loop cannot honour): clipping per replica in the model, and
+# enable_checkpointing as checkpoint_every=0 (the job recorder is Lightning's Checkpoint).
+OWN_TRAINER_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "enable_checkpointing")
+
+
+def trainer_settings(cfg: DictConfig) -> tuple[DictConfig, bool]:
+    """cfg.trainer without OWN_TRAINER_KEYS, and whether to write checkpoints."""
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    own = {k: node.pop(k) for k in OWN_TRAINER_KEYS if k in node}
+    return OmegaConf.create(node), own.get("enable_checkpointing", True) is not False
+
+
 def build_model(jobs: list[Prepared], data: FitData) -> Regressor:
     """One Regressor for every replica of the jobs: each job's head on its own replicas, and
     each job's scalers (per replica when the fit holds several jobs)."""
@@ -189,6 +205,9 @@ def build_model(jobs: list[Prepared], data: FitData) -> Regressor:
         head_name=first.cfg.head.name,
         replicas=data.models,
         seeds=data.seeds,
+        gradient_clip_val=first.cfg.trainer.get("gradient_clip_val"),
+        gradient_clip_algorithm=first.cfg.trainer.get("gradient_clip_algorithm", "norm"),
+        lr_scheduler=create(first.cfg.lr_scheduler.scheduler),
         **inputs,
     )
 

@@ -11,7 +11,6 @@ sweep's summary see the jobs they asked for, numbered as Hydra numbers them.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import pickle
@@ -98,10 +97,8 @@ class FusingLauncher(Launcher):
 
 
 def task_config(cfg: DictConfig) -> DictConfig:
-    out = copy.deepcopy(cfg)
-    with read_write(out), open_dict(out):
-        del out["hydra"]
-    return out
+    """The job's config without its hydra node, as Hydra hands it to the task."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 def job_return(job: DictConfig, group: JobReturn) -> JobReturn:
