@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from housing_reg.cli import record_failure, summarize
 from housing_reg.data import BOSTON_CSV, DataError, keras_split
 from housing_reg.evaluate import evaluate
-from housing_reg.record import RecordError, read_job, write_json
+from housing_reg.jobdir import RecordError, read_state, write_json
 from housing_reg.settings import ConfigError
 from housing_reg.train import train
 
@@ -317,7 +317,7 @@ def test_a_failed_retry_never_destroys_a_good_result(one_epoch_job: Path, tmp_pa
     record_failure(cfg_for(job, *overrides, "resume=true"), "failed", RecordError("truncated"))
     assert (job / "metrics.json").read_bytes() == good
     assert failure(job)["error"] == "RecordError: truncated"
-    read = read_job(job)
+    read = read_state(job)
     assert read.status == "ok" and "a later retry failed" in read.note
 
 

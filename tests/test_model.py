@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from housing_reg.model import StackedMLP
+from housing_reg.settings import ConfigError, check_config
 
-HEAD_RANGES = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "relu": (0.0, math.inf)}
+HEADS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf/head").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("head", ["relu", "none", "sigmoid", "tanh"])
-def test_head_output_ranges(make_cfg, head: str):
-    activation = instantiate(make_cfg(f"head={head}").head.activation)
-    z = torch.linspace(-50, 50, 1001)
-    out = activation(z)
-    if head == "none":
-        assert torch.equal(out, z)  # unbounded: the identity
-        return
-    lo, hi = HEAD_RANGES[head]
+@pytest.mark.parametrize("head", HEADS)
+def test_each_head_states_the_output_range_it_has(make_cfg, head: str):
+    """conf/head/<head>.yaml's range (what the report draws) is the activation's: outputs stay
+    inside it and reach out to it (an unbounded side runs far past any target)."""
+    cfg = make_cfg(f"head={head}").head
+    lo, hi = (math.inf * s if v is None else v for v, s in zip(cfg.range, (-1, 1), strict=True))
+    out = instantiate(cfg.activation)(torch.linspace(-1e4, 1e4, 20001))
     assert out.min() >= lo and out.max() <= hi
-    assert out.max() - out.min() > 0.99 * min(hi - lo, 50)  # it does reach across its range
-    if head != "relu":
-        inner = activation(torch.tensor([-5.0, 5.0]))
-        assert lo < inner[0] and inner[1] < hi  # open interval: never reaches the bound
+    assert out.min() < (lo + 1e-3 if math.isfinite(lo) else -50)
+    assert out.max() > (hi - 1e-3 if math.isfinite(hi) else 50)
 
 
 def test_glorot_init_zero_bias_and_per_replica_seeds():
@@ -50,3 +48,10 @@ def test_replicas_do_not_touch_each_other():
     assert grads[1].abs().sum() > 0
     assert grads[0].abs().sum() == 0 and grads[2].abs().sum() == 0
     assert net(torch.randn(7, 13)).shape == (3, 7, 1)  # a shared batch broadcasts
+
+
+def test_a_head_that_states_no_range_is_refused(make_cfg):
+    with pytest.raises(ConfigError, match=r"^head.range=missing: a head must state"):
+        check_config(make_cfg("~head.range"))
+    with pytest.raises(ConfigError, match=r"head.range=\[1, 0\]"):
+        check_config(make_cfg("head.range=[1,0]"))

@@ -27,7 +27,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg.record import find_jobs, read_job, short_names, write_failure
+from housing_reg.jobdir import find_jobs, is_bookkeeping, read_state, write_failure
+from housing_reg.record import short_names
 from housing_reg.settings import USER_ERRORS, ConfigError
 from hydra_plugins.housing_reg_launcher import ForkLauncher, fused
 
@@ -62,7 +63,7 @@ def start(main: Callable[[], Any]) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except CompactHydraException as e:  # a config error: Hydra's own short message
-        sys.exit(f"error: {' '.join(str(e).split())}")
+        sys.exit(f"error: {' '.join(str(e).split())}{non_ascii_hint(sys.argv[1:])}")
     except OSError as e:
         stopped(f"{type(e).__name__}: {e}")
 
@@ -74,6 +75,17 @@ def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
         log.error("could not write: %s: %s", type(args.exc_value).__name__, args.exc_value)
     else:
         threading.__excepthook__(args)
+
+
+def non_ascii_hint(args: list[str]) -> str:
+    """Hydra's override lexer accepts only ASCII outside quotes: say how to quote a value."""
+    odd = next((a for a in args if "=" in a and not a.isascii()), None)
+    if odd is None:
+        return ""
+    key, _, value = odd.partition("=")
+    if value[:1] in "'\"":
+        return ""
+    return f"; a non-ASCII value must be quoted: '{key}=\"{value}\"'"
 
 
 def register_launchers() -> None:
@@ -406,7 +418,7 @@ def summarize(sweep_dir: Path) -> tuple[str, list[str]]:
     name), then train and test MAE; and one line per job that did not finish."""
     rows, failed, every = [], [], []
     for path in find_jobs(sweep_dir):
-        job = read_job(path)
+        job = read_state(path)
         every.append(task_overrides(path))
         if job.status == "ok":
             rows.append((every[-1], job.metrics))
@@ -441,6 +453,6 @@ def task_overrides(job: Path) -> dict[str, str]:
     out = {}
     for item in items:
         key, _, value = str(item).partition("=")
-        if key.lstrip("+~") not in ("resume", "ckpt_path", "callbacks.progress_bar.refresh_rate"):
+        if not is_bookkeeping(key.lstrip("+~")):
             out[key.lstrip("+~")] = value
     return out

@@ -97,6 +97,12 @@ def load_csv(
     if features is None:
         features = [h for h in header if h != target]
     features = list(features)
+    twice = sorted({c for c in features if features.count(c) > 1})
+    if twice:
+        raise DataError(
+            f"data.features names {', '.join(map(repr, twice))} more than once; "
+            "name each column once"
+        )
     missing = [c for c in features if c not in header]
     if missing:
         raise DataError(

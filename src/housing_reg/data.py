@@ -457,6 +457,11 @@ def check_settings(
         raise DataError(
             f"data.fold={fold} must be in [0, {num_folds}) for data.num_folds={num_folds}"
         )
+    if num_folds and val_fraction:
+        raise DataError(
+            f"data.val_fraction={val_fraction} with data.num_folds={num_folds}: with folds, "
+            "each fold's held-out part is the validation set; set data.val_fraction=0"
+        )
     if not num_folds and fold != 0:
         raise DataError(
             f"data.fold={fold} needs cross-validation: set data.num_folds >= {max(2, fold + 1)}"

@@ -19,15 +19,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from housing_reg.cli import quote_paths
 from housing_reg.data import DataError, load_csv
+from housing_reg.jobdir import load_checkpoint, write_json
 from housing_reg.model import Regressor, mae, mse
-from housing_reg.record import (
-    JobRecorder,
-    load_checkpoint,
-    spread,
-    write_json,
-    write_predictions,
-    write_replicas,
-)
+from housing_reg.record import JobRecorder, spread, write_predictions, write_replicas
 from housing_reg.settings import USER_ERRORS, ConfigError, create
 
 

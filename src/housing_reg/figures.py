@@ -10,27 +10,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-if TYPE_CHECKING:
-    from housing_reg.report import Group
+# report.Group, the report's unit of comparison. Not imported, even for type checking:
+# report.py imports this module, and record.py (during training) imports it for the
+# TensorBoard image; no module here reaches back up to the report (tests/test_layout.py).
+Group = Any
 
 DPI = 100
 MIN_SIZE = (8.0, 4.5)  # inches: 800 x 450 px at DPI
-# Output range of each head before any target scaling; None: unbounded on that side.
-HEAD_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "none": (None, None),
-    "leaky_relu": (None, None),
-    "relu": (0.0, None),
-    "softplus": (0.0, None),
-    "sigmoid": (0.0, 1.0),
-    "tanh": (-1.0, 1.0),
-}
 STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -380,7 +373,7 @@ def _answer_panel(ax, groups: list[Group], heads: list[str], colors, max_runs: i
     labels = []
     for i, h in enumerate(lanes):
         color, rg = colors[h], ranges[h]
-        base = HEAD_RANGES.get(h)
+        base = first[h].head_range()
         if rg is None:
             labels.append(f"{h}\nrange unknown")
         else:

@@ -15,11 +15,15 @@ import json
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
+from housing_reg.jobdir import BOOKKEEPING
+
 # Fusing these keeps every replica's numbers its lone run's: they only choose what a replica
 # starts from and trains on, never how the shared optimizer steps.
 FUSABLE = ("seed", "head", "data.fold", "data.target_scaling", "data.target_range")
-# Bookkeeping: where a job writes and how it was (re)started, not what it trains.
-PER_JOB = ("output_dir", "resume", "ckpt_path", "fuse")
+# Bookkeeping each job keeps for itself (where it writes, how it was (re)started, its logger):
+# all of jobdir.BOOKKEEPING but what the fit applies to every job, the first job's callbacks
+# and checkpoint cadence.
+PER_JOB = tuple(k for k in BOOKKEEPING if k not in ("callbacks", "checkpoint_every"))
 
 T = TypeVar("T")
 

@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
-import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -34,14 +30,16 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from housing_reg.jobdir import (
+    CHECKPOINT,
+    METRICS,
+    is_bookkeeping,
+    load_checkpoint,
+    write_atomic,
+    write_json,
+    write_text,
+)
 from housing_reg.stats import train_targets
-
-METRICS = ("train/mae", "val/mae", "test/mae", "test/mse")
-CHECKPOINT = Path("checkpoints") / "last.ckpt"
-
-
-class RecordError(ValueError):
-    """A job directory or checkpoint that cannot be used; the message says which and why."""
 
 
 class JobRecorder:
@@ -341,11 +339,12 @@ def spread(per_replica: dict[str, torch.Tensor]) -> dict[str, float]:
 def training_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The config minus what may change between a run and its resumption: how long to train,
     where output goes, how it is shown and how the job was (re)started."""
-    free = ("output_dir", "resume", "ckpt_path", "checkpoint_every", "callbacks", "logger", "fuse")
-    settings = {k: v for k, v in config.items() if k not in free}
+    settings = {k: v for k, v in config.items() if not is_bookkeeping(k)}
+    if isinstance(settings.get("head"), dict):  # head.range describes the head, and older
+        settings["head"] = {k: v for k, v in settings["head"].items() if k != "range"}  # lack it
     trainer = config.get("trainer", {})
     settings["trainer"] = {
-        k: v for k, v in trainer.items() if k not in ("max_epochs", "default_root_dir")
+        k: v for k, v in trainer.items() if k != "max_epochs" and not is_bookkeeping(f"trainer.{k}")
     }
     return settings
 
@@ -386,7 +385,7 @@ def log_pred_vs_true(
     pred: torch.Tensor,
 ) -> None:
     """IMAGES tab: this job's test predictions against the truth, drawn once after testing."""
-    from housing_reg.report import figure_rgb, pred_vs_true_figure  # matplotlib: only here
+    from housing_reg.figures import figure_rgb, pred_vs_true_figure  # matplotlib: only here
 
     c, r = config, len(pred)
     seeds = f"seed {c['seed']}" if r == 1 else f"seeds {c['seed']}-{c['seed'] + r - 1}"
@@ -400,43 +399,12 @@ def log_pred_vs_true(
     writer.flush()
 
 
-# -- files -----------------------------------------------------------------------------------
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(tmp) beside path, then rename over it: readers see the old file or the new one,
-    and a failed write (a full disk) leaves neither a partial file nor the temporary one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def to_bytes(obj: Any) -> bytes:
     """torch.save into memory: written as bytes, a full disk is an OSError (torch.save into a
     file raises a RuntimeError about zip positions instead)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Strict JSON (NaN and infinities become null), written atomically."""
-    write_text(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
-
-
-def finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def write_predictions(path: Path, pred: torch.Tensor, true: torch.Tensor) -> None:
@@ -474,12 +442,6 @@ def write_replicas(
     write_atomic(out / "replicas.npz", save)
 
 
-def write_failure(out: Path, status: str, error: BaseException, config: dict[str, Any]) -> None:
-    """failure.json beside whatever the job already holds (a good metrics.json stays)."""
-    record = {"status": status, "error": f"{type(error).__name__}: {error}", "config": config}
-    write_json(out / "failure.json", record)
-
-
 def short_names(keys: Sequence[str]) -> dict[str, str]:
     """What a table (the sweep's summary, the report's) calls each setting: head.name -> head,
     optim.lr -> lr, optim._target_ -> optim, hydra/launcher -> launcher; the full key where
@@ -494,82 +456,3 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
 
     names = [short(k) for k in keys]
     return {k: n if names.count(n) == 1 else k for k, n in zip(keys, names, strict=True)}
-
-
-# -- the one reader --------------------------------------------------------------------------
-@dataclass
-class Job:
-    """A job directory as written above."""
-
-    path: Path
-    status: str  # ok | failed | interrupted | incomplete | broken
-    reason: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    note: str = ""  # e.g. a later retry failed while an earlier result stands
-
-    def replicas(self) -> list[dict[str, Any]]:
-        """Per replica: seed, final metrics, test predictions and per-epoch curves."""
-        with open(self.path / "replicas.csv", newline="") as f:
-            rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-        arrays = np.load(self.path / "replicas.npz")
-        for r, row in enumerate(rows):
-            row["seed"] = int(row["seed"])
-            row["test_pred"] = arrays["test_pred"][r]
-            row["curves"] = {
-                k: arrays[k.replace("/", "_")][:, r].tolist()
-                for k in ("train/mae", "val/mae")
-                if k.replace("/", "_") in arrays
-            }
-        return rows
-
-
-def find_jobs(root: Path) -> list[Path]:
-    """Every job directory under root (root included), in sweep order: Hydra writes .hydra/
-    as a job starts, so this finds running jobs too, and skips evaluate's outputs."""
-    found = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
-    return sorted(found, key=lambda p: [_natural(part) for part in p.relative_to(root).parts])
-
-
-def _natural(name: str) -> tuple[int, str]:
-    num = name.split("_", 1)[0]
-    return (int(num) if num.isdigit() else -1, name)
-
-
-def read_job(path: Path) -> Job:
-    """What a job directory says about itself; never raises on bad contents."""
-    metrics_file, failure_file = path / "metrics.json", path / "failure.json"
-    failure = _load(failure_file)
-    if metrics_file.exists():
-        m = _load(metrics_file)
-        if not isinstance(m, dict) or m.get("status") != "ok":
-            return Job(path, "broken", "metrics.json is unreadable or not a finished run")
-        note = ""
-        if isinstance(failure, dict):
-            note = f"a later retry failed ({failure.get('error')}); the earlier result stands"
-        return Job(path, "ok", metrics=m, note=note)
-    if isinstance(failure, dict):
-        status = str(failure.get("status", "failed"))
-        return Job(path, status, str(failure.get("error", "unknown error")))
-    if failure_file.exists():
-        return Job(path, "broken", "failure.json is unreadable")
-    return Job(path, "incomplete", "no metrics.json (still running, or killed)")
-
-
-def _load(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents (tensors and plain data only), or one RecordError line."""
-    if not path.is_file():
-        raise RecordError(f"ckpt_path={path}: no such file; point it at JOB/{CHECKPOINT}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's own message runs to many lines
-        raise RecordError(
-            f"{path}: not a housing_reg checkpoint (torch.load raised {type(e).__name__}); "
-            f"point ckpt_path at a job's {CHECKPOINT}"
-        ) from None

@@ -24,21 +24,18 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from housing_reg import record
 from housing_reg.figures import (
-    HEAD_RANGES,
-    figure_rgb,  # noqa: F401 (train.py draws its TensorBoard image with these two)
     plot_answer,
     plot_curves,
     plot_mae_by_head,
     plot_pred_vs_true,
-    pred_vs_true_figure,  # noqa: F401
     scaling_text,
     setting_text,
     settings_order,
     units,
 )
-from housing_reg.record import find_jobs, short_names
+from housing_reg.jobdir import find_jobs, is_bookkeeping, read_state
+from housing_reg.record import short_names
 from housing_reg.stats import (  # noqa: F401 (t_quantile, t_two_sided: part of this API)
     NO_CI,
     Difference,
@@ -48,10 +45,10 @@ from housing_reg.stats import (  # noqa: F401 (t_quantile, t_two_sided: part of 
     t_two_sided,
 )
 
-METRICS = ("test/mae", "train/mae", "val/mae")
+SHOWN = ("test/mae", "train/mae", "val/mae")
 # Config keys a job repeats over, or that do not change its numbers: never a group.
-REPEATS = {"seed", "data.seed", "data.fold", "data.replicas", "model.replicas"}
-BOOKKEEPING = ("output_dir", "threads", "callbacks.", "logger.", "trainer.default_root_dir")
+# (Bookkeeping keys, jobdir.BOOKKEEPING, are never settings either.)
+REPEATS = {"seed", "data.seed", "data.fold", "data.replicas", "model.replicas", "threads"}
 # How a job names its data: folded into the one setting "data" (the data set's name).
 DATA_NAMING = ("data.name", "data.path", "data.target_label", "data.target_unit")
 STUCK = 0.2  # a group is "stuck" when this share of its predictions sits at one value
@@ -99,10 +96,11 @@ class Run:
     scaler: tuple[float, float] | None = None  # (shift, scale): scaled t means t*scale + shift
     train: dict[str, Any] | None = None  # metrics.json's train_targets (histogram, mean, ...)
     duplicate: bool = False  # the same fold and seed already came from another job
+    head_range: tuple[float | None, float | None] | None = None  # config's head.range
 
 
 @dataclass
-class Job:
+class JobRuns:
     path: Path
     status: str  # ok | failed | incomplete | broken
     reason: str = ""
@@ -111,18 +109,22 @@ class Job:
     target: Target | None = None
 
 
-def read_job(path: Path, root: Path) -> Job:
-    """A job directory (read by record.read_job) as runs, or the reason it has none."""
+def read_runs(path: Path, root: Path) -> JobRuns:
+    """A job directory (read by jobdir.read_state) as runs, or the reason it has none."""
     name = summary_name(path, root)
-    job = record.read_job(path)
+    job = read_state(path)
     if job.status != "ok":
-        return Job(path, job.status, job.reason)
+        return JobRuns(path, job.status, job.reason)
     try:
-        config_file = path / ".hydra" / "config.yaml"
-        if not config_file.exists():
-            return Job(path, "broken", "no .hydra/config.yaml to say what ran")
-        config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
         m = job.metrics
+        # The settings the result was trained with, from the result itself: a later start in
+        # this directory rewrites .hydra/config.yaml (older results lack the config there).
+        config = m.get("config")
+        if not isinstance(config, dict):
+            config_file = path / ".hydra" / "config.yaml"
+            if not config_file.exists():
+                return JobRuns(path, "broken", "no .hydra/config.yaml to say what ran")
+            config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
         target = target_of(m, config)
         settings = settings_of(config, target.dataset)
         scaler, train = scaler_of(m, settings["scaling"]), m.get("train_targets")
@@ -132,20 +134,29 @@ def read_job(path: Path, root: Path) -> Job:
                 job=name,
                 fold=job.metrics.get("fold"),
                 seed=rep["seed"],
-                metrics={k: rep[k] for k in (*METRICS, "test/mse") if k in rep},
+                metrics={k: rep[k] for k in (*SHOWN, "test/mse") if k in rep},
                 curves=rep["curves"],
                 y_true=y_true,
                 y_pred=rep["test_pred"].astype(float),
                 scaler=scaler,
                 train=train,
+                head_range=head_range_of(config),
             )
             for rep in job.replicas()
         ]
     except FileNotFoundError as e:
-        return Job(path, "broken", f"missing {Path(e.filename).name}")
+        return JobRuns(path, "broken", f"missing {Path(e.filename).name}")
     except Exception as e:  # whatever is wrong with one job is reported, never fatal
-        return Job(path, "broken", f"unreadable ({type(e).__name__}: {e})".replace("\n", " "))
-    return Job(path, "ok", settings=settings, runs=runs, target=target)
+        return JobRuns(path, "broken", f"unreadable ({type(e).__name__}: {e})".replace("\n", " "))
+    return JobRuns(path, "ok", settings=settings, runs=runs, target=target)
+
+
+def head_range_of(config: dict[str, Any]) -> tuple[float | None, float | None] | None:
+    """head.range from a job's config; None for a job from before heads stated their range."""
+    rng = config.get("head", {}).get("range")
+    if not isinstance(rng, list) or len(rng) != 2:
+        return None
+    return tuple(None if v is None else float(v) for v in rng)  # type: ignore[return-value]
 
 
 def target_of(metrics: dict[str, Any], config: dict[str, Any]) -> Target:
@@ -186,8 +197,8 @@ def settings_of(config: dict[str, Any], dataset: str = "boston") -> dict[str, An
         for k, v in flat.items()
         if k not in REPEATS
         and k not in DATA_NAMING
-        and not k.startswith(BOOKKEEPING)
-        and k != "head.activation._target_"
+        and not is_bookkeeping(k)
+        and not (k.startswith("head.") and k != "head.name")  # activation, range: the head
     }
     s["data"] = dataset
     kind, rng = s.pop("data.target_scaling", "none"), s.pop("data.target_range", "[0, 1]")
@@ -266,10 +277,15 @@ class Group:
         """Runs that predict one value for every test row (a saturated or dead output)."""
         return sum(bool(np.ptp(r.y_pred) <= 1e-3 * (np.ptp(r.y_true) or 1.0)) for r in self.runs)
 
+    def head_range(self) -> tuple[float | None, float | None] | None:
+        """The head's own output range, as its config states it (conf/head/*.yaml: range),
+        None if the job recorded none; None inside the pair: unbounded on that side."""
+        return self.runs[0].head_range if self.runs else None
+
     def output_range(self) -> tuple[float | None, float | None] | None:
         """The head's output range in target units (its first run's scaler), None if unknown;
         None inside the pair: unbounded on that side."""
-        base = HEAD_RANGES.get(self.head)
+        base = self.head_range()
         scaler = self.runs[0].scaler if self.runs else None
         if base is None or scaler is None:
             return None
@@ -281,7 +297,7 @@ class Group:
         (mapped into target units run by run) when it has any, else at the runs' lowest or
         highest prediction."""
         pins = []
-        bounds = HEAD_RANGES.get(self.head, (None, None))
+        bounds = self.head_range() or (None, None)
         for side, b in zip(("lower", "upper"), bounds, strict=True):
             if b is None or any(r.scaler is None for r in self.runs):
                 continue
@@ -302,7 +318,7 @@ def _share_at(run: Run, value: float) -> float:
 
 
 @dataclass
-class Sweep:
+class Comparison:
     """Groups sorted by data set, then best first; the settings that vary, and the rest."""
 
     groups: list[Group]
@@ -336,7 +352,7 @@ class Sweep:
         )
 
 
-def group_runs(jobs: list[Job]) -> Sweep:
+def group_runs(jobs: list[JobRuns]) -> Comparison:
     """Runs grouped by the settings that vary between jobs."""
     ok = [j for j in jobs if j.status == "ok"]
     keys = sorted({k for j in ok for k in j.settings})
@@ -372,11 +388,11 @@ def group_runs(jobs: list[Job]) -> Sweep:
         groups.values(),
         key=lambda g: (data_order[g.target.dataset], g.estimate("test/mae").mean),
     )
-    return Sweep(ordered, shown, names, common, varying)
+    return Comparison(ordered, shown, names, common, varying)
 
 
 # -- tables and verdict --------------------------------------------------------------------------
-def summary_table(sweep: Sweep) -> str:
+def summary_table(sweep: Comparison) -> str:
     """Markdown: one row per group, best test MAE first; ± is the 95% CI half-width."""
     groups = sweep.groups
     has_val = any(g.by_run("val/mae") for g in groups)
@@ -413,7 +429,7 @@ def pivot_table(groups: list[Group]) -> str:
     return "\n".join(lines)
 
 
-def verdict(sweep: Sweep) -> list[str]:
+def verdict(sweep: Comparison) -> list[str]:
     """Markdown bullets: per block of comparable groups, the best setting (or why there is
     none), which steps in the ranking are real, relu vs none, and which heads sit at a bound."""
     blocks = sweep.blocks()
@@ -544,7 +560,7 @@ def pin_line(g: Group, drop: Sequence[str] = ()) -> str | None:
     return None
 
 
-def summary_rows(jobs: list[Job], root: Path, sweep: Sweep) -> list[dict[str, Any]]:
+def summary_rows(jobs: list[JobRuns], root: Path, sweep: Comparison) -> list[dict[str, Any]]:
     """summary.csv: one row per run; jobs without runs get one row saying why."""
     rows = []
     for j in jobs:
@@ -560,7 +576,7 @@ def summary_rows(jobs: list[Job], root: Path, sweep: Sweep) -> list[dict[str, An
             rows.append(
                 base
                 | {"fold": r.fold, "seed": r.seed}
-                | {k.replace("/", "_"): r.metrics.get(k, "") for k in (*METRICS, "test/mse")}
+                | {k.replace("/", "_"): r.metrics.get(k, "") for k in (*SHOWN, "test/mse")}
                 | {"epochs": len(r.curves.get("train/mae", []))}
                 | {"note": "duplicate, counted once" if r.duplicate else ""}
             )
@@ -600,7 +616,7 @@ def report(root: Path, out: Path | None = None) -> tuple[str, int]:
     Returns the markdown summary and the number of runs it covers.
     """
     out = out or root
-    jobs = [read_job(p, root) for p in find_jobs(root)]
+    jobs = [read_runs(p, root) for p in find_jobs(root)]
     if not jobs:
         raise ReportError(
             f"{root}: no job directories found (none holds .hydra/); "

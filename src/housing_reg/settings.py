@@ -16,7 +16,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from housing_reg.data import DataError, check_settings
-from housing_reg.record import RecordError
+from housing_reg.jobdir import RecordError
 
 
 class ConfigError(ValueError):
@@ -104,6 +104,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None and not str(cfg.ckpt_path):
         raise ConfigError("ckpt_path is empty; point it at a job's checkpoints/last.ckpt")
     check_arguments(cfg.optim, "optim")
+    check_head_range(cfg.head)
     check_trainer(cfg.trainer)
     check_lr_scheduler(cfg)
     d = cfg.data
@@ -174,6 +175,24 @@ def check_trainer(trainer: DictConfig) -> None:
     ):
         raise ConfigError(
             f"trainer.gradient_clip_val={clip} must be a number > 0 (or null: no clipping)"
+        )
+
+
+def check_head_range(head: DictConfig) -> None:
+    """Every head states its output range (the report draws it and finds predictions stuck
+    at its bounds): head.range = [low, high], null for an unbounded side."""
+    rng = head.get("range", "missing")
+    ok = OmegaConf.is_list(rng) and len(rng) == 2
+    ok = ok and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in rng
+    )
+    if ok and None not in rng:
+        ok = rng[0] < rng[1]
+    if not ok:
+        shown = OmegaConf.to_container(rng) if OmegaConf.is_list(rng) else rng
+        raise ConfigError(
+            f"head.range={shown}: a head must state its output range as [low, high] with null "
+            f"for an unbounded side, e.g. range: [0, 1] in conf/head/{head.get('name')}.yaml"
         )
 
 

@@ -1,5 +1,5 @@
 """Numbers behind the report: Student-t intervals, differences between two settings, and the
-summary of a job's training targets that train.py writes into metrics.json.
+summary of a job's training targets that record.py writes into metrics.json.
 
 numpy only (no matplotlib, no scipy), so a training job can import it cheaply.
 """

@@ -20,16 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from housing_reg import cli, fuse
 from housing_reg.data import FitData, RegressionData
+from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
 from housing_reg.model import Heads, Regressor, replica_seeds
-from housing_reg.record import (
-    CHECKPOINT,
-    FitRecorder,
-    JobCheckpoints,
-    JobRecorder,
-    load_checkpoint,
-    read_job,
-    training_settings,
-)
+from housing_reg.record import FitRecorder, JobCheckpoints, JobRecorder, training_settings
 from housing_reg.settings import ConfigError, check_config, create
 from hydra_plugins.housing_reg_launcher import fused
 
@@ -94,6 +87,7 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
 
 def prepare(index: int, cfg: DictConfig) -> Prepared:
     check_config(cfg)
+    check_not_replacing(cfg)
     data: RegressionData = create(cfg.data, seeds=replica_seeds(cfg.seed, cfg.model.replicas))
     head = create(cfg.head.activation)
     resume_from, progress = checkpoint_to_resume(cfg)
@@ -243,12 +237,30 @@ def already_finished(cfg: DictConfig) -> dict[str, Any] | None:
     """resume=true on a job that finished with these very settings: its metrics, untouched."""
     if not cfg.resume or cfg.ckpt_path:
         return None
-    job = read_job(Path(cfg.output_dir))
+    job = read_state(Path(cfg.output_dir))
     if job.status != "ok":
         return None
     same = training_settings(job.metrics["config"]) == training_settings(resolved(cfg))
     done = job.metrics["epochs"] == cfg.trainer.max_epochs
     return job.metrics if same and done else None
+
+
+def check_not_replacing(cfg: DictConfig) -> None:
+    """A run into a finished job's directory with other settings (and no resume=true) would
+    replace its results and mix two runs' curves in TensorBoard: refused, in one line."""
+    if cfg.resume or cfg.ckpt_path:
+        return
+    job = read_state(Path(cfg.output_dir))
+    if job.status != "ok":
+        return
+    differ = differences(training_settings(job.metrics["config"]), training_settings(resolved(cfg)))
+    if differ:
+        raise ConfigError(
+            f"{cfg.output_dir} holds a finished job trained with other settings "
+            f"({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}); train into "
+            "another directory (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep), or "
+            "resume=true with the settings it was trained with"
+        )
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> tuple[Path | None, tuple[int, int]]:
@@ -274,6 +286,13 @@ def checkpoint_to_resume(cfg: DictConfig) -> tuple[Path | None, tuple[int, int]]
             f"{path} was trained with other settings ({'; '.join(differ)}); resume with the "
             "settings it was trained with (only trainer.max_epochs may change), or train afresh "
             "in another directory"
+        )
+    done = len(saved.get("history", {}).get("train/mae", []))  # whole epochs it holds
+    if done > cfg.trainer.max_epochs:
+        raise ConfigError(
+            f"{path} holds {done} finished epochs, more than trainer.max_epochs="
+            f"{cfg.trainer.max_epochs}; resume with trainer.max_epochs>={done}, or train "
+            "afresh in another directory"
         )
     return path, (ckpt.get("epoch", 0), ckpt.get("global_step", 0))
 

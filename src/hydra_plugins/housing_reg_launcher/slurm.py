@@ -142,7 +142,7 @@ def job_dir(launcher: Any, overrides: list[str], number: int) -> Path:
 
 def record_lost_job(job: NoResult) -> None:
     """failure.json for a job that left no record of its own: it never started, or was killed."""
-    from housing_reg.record import write_json  # imports Lightning: not at plugin-scan time
+    from housing_reg.jobdir import write_json  # imports torch: not at plugin-scan time
 
     path = Path(job.job_dir)
     if (path / "metrics.json").exists() or (path / "failure.json").exists():

@@ -1,0 +1,178 @@
+"""What a job directory holds, the one reader of it, and its atomic writes.
+
+record.py writes a job directory during training, report.py, cli.py and evaluate read it; all
+import this module, which imports neither of them (nor Lightning).
+
+A job directory holds, once the job has finished:
+    metrics.json       status "ok", the summary numbers (mean over replicas, with their spread),
+                       per-epoch means, the fully resolved config and library versions
+    predictions.csv    y_true and y_pred (the replicas' mean) for every test row
+    replicas.csv       one row per replica (its seed and final metrics)
+    replicas.npz       per replica: test predictions and per-epoch curves
+    checkpoints/last.ckpt, TensorBoard events (scalars, HPARAMS, a pred-vs-true image)
+and failure.json instead of (or beside) metrics.json when a run failed: a failed retry never
+overwrites a good result. Every file is written to a temporary name in the job directory and
+renamed into place, so a reader never sees half a file and a full disk leaves no debris.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("train/mae", "val/mae", "test/mae", "test/mse")
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
+class RecordError(ValueError):
+    """A job directory or checkpoint that cannot be used; the message says which and why."""
+
+
+# Config keys that are bookkeeping, not settings: where a job writes, how it is shown, how it
+# was (re)started. A resumed job may change them (record.training_settings), the report never
+# groups by them, a sweep's directory names leave them out (conf/config.yaml's exclude_keys,
+# checked against this list by tests/test_layout.py), and a fused sweep keeps them per job
+# (fuse.py). Dotted entries name a key inside a group.
+BOOKKEEPING = (
+    "output_dir",
+    "resume",
+    "ckpt_path",
+    "checkpoint_every",
+    "callbacks",
+    "logger",
+    "fuse",
+    "trainer.default_root_dir",
+)
+
+
+def is_bookkeeping(key: str) -> bool:
+    """key (dotted, e.g. callbacks.progress_bar.refresh_rate) is or lies under BOOKKEEPING."""
+    return any(key == b or key.startswith(b + ".") for b in BOOKKEEPING)
+
+
+# -- files -----------------------------------------------------------------------------------
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """write(tmp) beside path, then rename over it: readers see the old file or the new one,
+    and a failed write (a full disk) leaves neither a partial file nor the temporary one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Strict JSON (NaN and infinities become null), written atomically."""
+    write_text(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_failure(out: Path, status: str, error: BaseException, config: dict[str, Any]) -> None:
+    """failure.json beside whatever the job already holds (a good metrics.json stays)."""
+    record = {"status": status, "error": f"{type(error).__name__}: {error}", "config": config}
+    write_json(out / "failure.json", record)
+
+
+# -- the one reader ------------------------------------------------------------------------
+@dataclass
+class JobState:
+    """What a job directory says about itself: its status and, once finished, its metrics."""
+
+    path: Path
+    # ok | failed | interrupted | incomplete | broken, or a Slurm state in lower case
+    # (cancelled, timeout, out_of_memory, node_fail, ...) for a job Slurm ended (slurm.py)
+    status: str
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # e.g. a later retry failed while an earlier result stands
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Per replica: seed, final metrics, test predictions and per-epoch curves."""
+        with open(self.path / "replicas.csv", newline="") as f:
+            rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        arrays = np.load(self.path / "replicas.npz")
+        for r, row in enumerate(rows):
+            row["seed"] = int(row["seed"])
+            row["test_pred"] = arrays["test_pred"][r]
+            row["curves"] = {
+                k: arrays[k.replace("/", "_")][:, r].tolist()
+                for k in ("train/mae", "val/mae")
+                if k.replace("/", "_") in arrays
+            }
+        return rows
+
+
+def find_jobs(root: Path) -> list[Path]:
+    """Every job directory under root (root included), in sweep order: Hydra writes .hydra/
+    as a job starts, so this finds running jobs too, and skips evaluate's outputs."""
+    found = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    return sorted(found, key=lambda p: [_natural(part) for part in p.relative_to(root).parts])
+
+
+def _natural(name: str) -> tuple[int, str]:
+    num = name.split("_", 1)[0]
+    return (int(num) if num.isdigit() else -1, name)
+
+
+def read_state(path: Path) -> JobState:
+    """What a job directory says about itself; never raises on bad contents."""
+    metrics_file, failure_file = path / "metrics.json", path / "failure.json"
+    failure = _load(failure_file)
+    if metrics_file.exists():
+        m = _load(metrics_file)
+        if not isinstance(m, dict) or m.get("status") != "ok":
+            return JobState(path, "broken", "metrics.json is unreadable or not a finished run")
+        note = ""
+        if isinstance(failure, dict):
+            note = f"a later retry failed ({failure.get('error')}); the earlier result stands"
+        return JobState(path, "ok", metrics=m, note=note)
+    if isinstance(failure, dict):
+        status = str(failure.get("status", "failed"))
+        return JobState(path, status, str(failure.get("error", "unknown error")))
+    if failure_file.exists():
+        return JobState(path, "broken", "failure.json is unreadable")
+    return JobState(path, "incomplete", "no metrics.json (still running, or killed)")
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents (tensors and plain data only), or one RecordError line."""
+    if not path.is_file():
+        raise RecordError(f"ckpt_path={path}: no such file; point it at JOB/{CHECKPOINT}")
+    try:
+        import torch  # here: fuse.py imports this module at Hydra's plugin scan
+
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own message runs to many lines
+        raise RecordError(
+            f"{path}: not a housing_reg checkpoint (torch.load raised {type(e).__name__}); "
+            f"point ckpt_path at a job's {CHECKPOINT}"
+        ) from None
