@@ -255,8 +255,9 @@ def main() -> None:
         lone = wall["lone"]
         print(f"\n{'end to end (wall s)':<36} {'wall s':>7} {'x lone':>7} {'x unfused':>10}")
         for name in WALLS:
-            unfused = wall.get(name.replace("fused", "unfused"))
-            vs = f"{wall[name] / unfused:>10.2f}" if unfused and "unfused" not in name else ""
+            fused = name.endswith(", fused")
+            unfused = wall.get(name.replace(", fused", ", unfused")) if fused else None
+            vs = f"{wall[name] / unfused:>10.2f}" if unfused else ""
             print(f"{name:<36} {wall[name]:>7.2f} {wall[name] / lone:>7.2f} {vs}")
             sweeps.append({"run": name, "wall_s": wall[name], "ratio_to_lone": wall[name] / lone})
             sweeps[-1] |= {"ratio_to_unfused": wall[name] / unfused if vs else None}

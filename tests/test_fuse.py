@@ -211,3 +211,17 @@ def test_optunas_batches_of_trials_fuse(tmp_path: Path):
         assert read_metrics(x)["val/mae"] == read_metrics(y)["val/mae"]
     best = [(tmp_path / d / "optimization_results.yaml").read_text() for d in ("f", "p")]
     assert best[0] == best[1]
+
+
+def test_jobs_sharing_a_head_keep_their_own_head_call(tmp_path: Path):
+    """Two jobs of 10 replicas with the same sigmoid (or softplus) head: one call over all 20
+    would round some replicas differently (vectorized body vs scalar tail), so each job's
+    head is called on its own replicas, and every number equals the unfused run's."""
+    args = ("-m", "head=sigmoid,softplus", "seed=0,10", "model.replicas=10")
+    args = (*args, "data.target_scaling=minmax", "trainer.max_epochs=1", *FAST[1:])
+    fused = run_cli(*args, "hydra.sweep.dir=f", cwd=tmp_path)
+    assert "fit 1 of 1: 4 jobs, 40 models" in fused.stdout
+    run_cli(*args, "fuse.enabled=false", "hydra.sweep.dir=p", cwd=tmp_path)
+    for x, y in zip(job_dirs(tmp_path / "f"), job_dirs(tmp_path / "p"), strict=True):
+        for name in SAME:
+            assert (x / name).read_text() == (y / name).read_text(), (x.name, name)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from housing_reg.report import read_runs
 
 from conftest import FAST, read_metrics, run_cli
@@ -77,3 +79,48 @@ def test_an_unquoted_non_ascii_value_gets_a_hint_to_quote_it(tmp_path):
     assert last_line(proc).endswith("""a non-ASCII value must be quoted: 'data.target="prix€"'""")
     quoted = run_cli('data.target="prix€"', *FAST, cwd=tmp_path, check=False)
     assert "target column 'prix€' not found" in last_line(quoted)
+
+
+def own_csv(path, scale: float = 1.0):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 2))
+    rows = [f"{a:.4f},{b:.4f},{(50 + 3 * a - b) * scale:.4f}" for a, b in x]
+    path.write_text("\n".join(["size,rooms,price", *rows]) + "\n")
+    return path
+
+
+def test_evaluate_reads_the_recorded_file_and_says_when_it_changed(tmp_path):
+    """A job trained on houses.csv (a relative path) is evaluated from another directory that
+    holds another houses.csv: evaluate reads the file the job recorded, by absolute path and
+    SHA-256; once that file changes, it says so in one line instead of a wrong MAE."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    own_csv(tmp_path / "a/houses.csv")
+    own_csv(tmp_path / "b/houses.csv", scale=3.0)  # same name, other numbers
+    args = ("data.path=houses.csv", "data.target=price", *FAST, "hydra.run.dir=job")
+    run_cli(*args, cwd=tmp_path / "a")
+    m = read_metrics(tmp_path / "a/job")
+    assert m["data_file"]["path"] == str(tmp_path / "a/houses.csv")
+    ckpt = f"ckpt_path={tmp_path / 'a/job/checkpoints/last.ckpt'}"
+    out = run_cli(ckpt, "output_dir=e1", cwd=tmp_path / "b", module="housing_reg.evaluate")
+    assert f"mae {m['test/mae']:.4f}" in out.stdout  # the job's own test rows, reproduced
+    own_csv(tmp_path / "a/houses.csv", scale=1000.0)
+    proc = run_cli(
+        ckpt, "output_dir=e2", cwd=tmp_path / "b", module="housing_reg.evaluate", check=False
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = last_line(proc)
+    assert line.startswith(f"error: {tmp_path / 'a/houses.csv'} has changed since")
+    assert "cannot be reproduced" in line and not (tmp_path / "b/e2").exists()
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
+    data = own_csv(tmp_path / "houses.csv")
+    args = (f"data.path={data}", "data.target=price", FAST[1], "hydra.run.dir=job")
+    run_cli(*args, "trainer.max_epochs=1", cwd=tmp_path)
+    own_csv(data, scale=1000.0)  # the target column multiplied by 1000
+    proc = run_cli(*args, "trainer.max_epochs=2", "resume=true", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "now holds other contents" in last_line(proc)
+    assert "train afresh in another directory" in last_line(proc)
+    assert read_metrics(tmp_path / "job")["epochs"] == 1  # the first result stands

@@ -7,6 +7,7 @@ The CSV itself is read by csvfile.load_csv.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -335,7 +336,9 @@ class RegressionData(Batches):
                 f"data.name={name!r}: choose one of {', '.join(BUNDLED)} or set data.path"
             )
         csv_file, unit = ("", "") if path is not None else BUNDLED[name]
-        table = load_csv(BOSTON_CSV.with_name(csv_file) if path is None else path, target, features)
+        source = BOSTON_CSV.with_name(csv_file) if path is None else Path(path)
+        table = load_csv(source, target, features)
+        self.file = file_fingerprint(source)  # recorded: resume and evaluate check it
         self.features, self.target = table.features, table.target
         self.dataset = name if path is None else Path(path).stem
         self.target_label = target_label or table.target
@@ -431,6 +434,12 @@ class FitData(Batches):
     @property
     def models(self) -> int:
         return len(self.seeds)
+
+
+def file_fingerprint(path: Path) -> dict[str, str]:
+    """The data file's absolute path and the SHA-256 of its bytes: a job records both, so
+    that resume=true and evaluate can tell the very file from another one of the same name."""
+    return {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def check_settings(

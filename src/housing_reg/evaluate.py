@@ -36,7 +36,19 @@ def evaluate(
     model = load_model(ckpt, create(OmegaConf.create(config["head"]["activation"])))
 
     if data_path is None:  # the job's own split, rebuilt exactly as in training
-        data = create(OmegaConf.create(config["data"]))
+        saved = ckpt["callbacks"][JobRecorder.__qualname__].get("data_file")
+        node = dict(config["data"])
+        if saved and node.get("path") is not None:
+            node["path"] = saved["path"]  # the file it was trained on, from anywhere
+        data = create(OmegaConf.create(node))
+        if saved and data.file["sha256"] != saved["sha256"]:
+            raise DataError(
+                f"{data.file['path']} has changed since {ckpt_path} was trained on it "
+                f"(SHA-256 {saved['sha256'][:12]}... then, {data.file['sha256'][:12]}... now): "
+                "its test split cannot be rebuilt, so the job's test MAE cannot be reproduced; "
+                "to evaluate the model on the file as it is now, pass data.path="
+                f"{data.file['path']}"
+            )
         with torch.no_grad():
             pred, true = model.predict_split(data.splits["test"])
         true = true[0]

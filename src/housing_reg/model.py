@@ -73,8 +73,8 @@ class StackedMLP(nn.Module):
 
 class Heads(nn.Module):
     """Each job's own output activation on its own replicas: parts are (replicas, activation)
-    in replica order. Activations act elementwise, so a slice gets the numbers it would get
-    alone."""
+    in replica order, one per job, so that each call sees the very tensor shape of the job's
+    lone run (elementwise kernels round their vectorized body and scalar tail differently)."""
 
     def __init__(self, parts: Sequence[tuple[int, nn.Module]]):
         super().__init__()

@@ -73,6 +73,7 @@ class JobRecorder:
             "history": self.history,
             "fit_seconds": [*self.fit_seconds, elapsed],
             "config": training_settings(self.config),
+            "data_file": self.data.file,  # which file, and its contents' SHA-256
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -132,6 +133,7 @@ class JobRecorder:
             "head": c["head"]["name"],
             "dataset": data.dataset,
             "target": {"name": data.target_label, "unit": data.target_unit},
+            "data_file": data.file,  # absolute path and SHA-256: resume and evaluate check it
             "train_targets": train_targets(data),  # the report's answer.png
             "seed": c["seed"],
             "replicas": len(self.seeds),

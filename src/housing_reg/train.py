@@ -90,7 +90,7 @@ def prepare(index: int, cfg: DictConfig) -> Prepared:
     check_not_replacing(cfg)
     data: RegressionData = create(cfg.data, seeds=replica_seeds(cfg.seed, cfg.model.replicas))
     head = create(cfg.head.activation)
-    resume_from, progress = checkpoint_to_resume(cfg)
+    resume_from, progress = checkpoint_to_resume(cfg, data.file)
     return Prepared(index, cfg, data, head, resume_from, progress)
 
 
@@ -107,7 +107,6 @@ def fit_key(job: Prepared) -> tuple:
 
 def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
     """Train and test jobs as the replicas of one fit."""
-    jobs = sorted(jobs, key=lambda j: str(j.cfg.head))  # one head call per distinct head
     first = jobs[0].cfg
     torch.set_num_threads(first.threads)  # 64-wide matmuls: threads cost more than they give
     L.seed_everything(first.seed, verbose=False)
@@ -207,17 +206,12 @@ def build_model(jobs: list[Prepared], data: FitData) -> Regressor:
 
 
 def merge_heads(jobs: list[Prepared]) -> torch.nn.Module:
-    """The jobs' heads in replica order, one module per run of jobs with the same head."""
+    """The jobs' heads in replica order, one call per job even where jobs share a head: an
+    activation's vectorized kernel and its scalar tail round differently (sigmoid, softplus),
+    so each job's head must see exactly the tensor its lone run gives it, its own replicas."""
     if len(jobs) == 1:
         return jobs[0].head
-    parts: list[tuple[int, torch.nn.Module, Any]] = []
-    for job in jobs:
-        n, same = job.cfg.model.replicas, job.cfg.head
-        if parts and parts[-1][2] == same:
-            parts[-1] = (parts[-1][0] + n, parts[-1][1], same)
-        else:
-            parts.append((n, job.head, same))
-    return Heads([(n, m) for n, m, _ in parts])
+    return Heads([(job.cfg.model.replicas, job.head) for job in jobs])
 
 
 def model_settings(cfg: DictConfig) -> DictConfig:
@@ -263,7 +257,9 @@ def check_not_replacing(cfg: DictConfig) -> None:
         )
 
 
-def checkpoint_to_resume(cfg: DictConfig) -> tuple[Path | None, tuple[int, int]]:
+def checkpoint_to_resume(
+    cfg: DictConfig, data_file: dict[str, str]
+) -> tuple[Path | None, tuple[int, int]]:
     """ckpt_path, else (resume=true) the job's own last checkpoint, refused unless it was
     trained with these settings (all but trainer.max_epochs and cosmetic ones); with the
     (epoch, step) it holds."""
@@ -286,6 +282,14 @@ def checkpoint_to_resume(cfg: DictConfig) -> tuple[Path | None, tuple[int, int]]
             f"{path} was trained with other settings ({'; '.join(differ)}); resume with the "
             "settings it was trained with (only trainer.max_epochs may change), or train afresh "
             "in another directory"
+        )
+    trained_on = saved.get("data_file")
+    if trained_on and trained_on["sha256"] != data_file["sha256"]:
+        raise ConfigError(
+            f"{path} was trained on {trained_on['path']}, and {data_file['path']} now holds "
+            f"other contents (SHA-256 {trained_on['sha256'][:12]}... then, "
+            f"{data_file['sha256'][:12]}... now): its scalers and split no longer fit the "
+            "data; train afresh in another directory"
         )
     done = len(saved.get("history", {}).get("train/mae", []))  # whole epochs it holds
     if done > cfg.trainer.max_epochs:
