@@ -336,9 +336,9 @@ class RegressionData(Batches):
                 f"data.name={name!r}: choose one of {', '.join(BUNDLED)} or set data.path"
             )
         csv_file, unit = ("", "") if path is not None else BUNDLED[name]
-        source = BOSTON_CSV.with_name(csv_file) if path is None else Path(path)
-        table = load_csv(source, target, features)
-        self.file = file_fingerprint(source)  # recorded: resume and evaluate check it
+        source = BOSTON_CSV.with_name(csv_file) if path is None else path
+        table = load_csv(source, target, features)  # one-line errors for a bad path too
+        self.file = file_fingerprint(Path(source))  # recorded: resume and evaluate check it
         self.features, self.target = table.features, table.target
         self.dataset = name if path is None else Path(path).stem
         self.target_label = target_label or table.target
