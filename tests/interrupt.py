@@ -15,4 +15,9 @@ class InterruptAt(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
+            # A process started in the background by a non-interactive shell (a CI runner's
+            # `cmd &`) inherits SIGINT ignored, and Python then keeps it ignored: give the
+            # signal back its usual meaning, as in a terminal, so the Ctrl-C lands.
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), signal.SIGINT)
