@@ -1,15 +1,10 @@
-"""What a job leaves behind, and the one reader of it.
+"""Recording the jobs of a fit as it trains: each job's curves, TensorBoard run, checkpoint
+share and, after testing, its files (what a job directory holds: jobdir.py).
 
-A job directory holds, once the job has finished:
-    metrics.json       status "ok", the summary numbers (mean over replicas, with their spread),
-                       per-epoch means, the fully resolved config and library versions
-    predictions.csv    y_true and y_pred (the replicas' mean) for every test row
-    replicas.csv       one row per replica (its seed and final metrics)
-    replicas.npz       per replica: test predictions and per-epoch curves
-    checkpoints/last.ckpt, TensorBoard events (scalars, HPARAMS, a pred-vs-true image)
-and failure.json instead of (or beside) metrics.json when a run failed: a failed retry never
-overwrites a good result. Every file is written to a temporary name in the job directory and
-renamed into place, so a reader never sees half a file and a full disk leaves no debris.
+FitRecorder is the one Lightning callback; it hands each epoch's and the test's per-replica
+results to one JobRecorder per job, which logs and writes only its own replicas, so a job's
+files are the same whether it trained alone or fused with others. JobCheckpoints turns the
+fit's checkpoint into one ordinary checkpoint per job, and back.
 """
 
 from __future__ import annotations
