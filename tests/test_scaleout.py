@@ -32,6 +32,10 @@ from housing_reg.scaleout import is_loopback, prepare_ray_env
 
 from conftest import job_dirs, need, read_metrics, run_cli, scalars
 
+# One pytest worker runs this module's tests one after another: two local Ray clusters at once
+# would compete for ports, memory and the machine's cores.
+pytestmark = pytest.mark.xdist_group("ray")
+
 HEADS = ["none", "relu", "sigmoid", "tanh"]
 TINY = ["trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0"]
 
