@@ -38,10 +38,16 @@ HEADS = ["relu", "none", "sigmoid", "tanh"]
 OFF, SEEDS = "fuse.enabled=false", "seed=range(0,10)"
 
 
+def boston() -> RegressionData:
+    data = RegressionData()
+    data.setup()
+    return data
+
+
 def plain_loop(epochs: int = EPOCHS) -> float:
     """The baseline: eager PyTorch, same data, model, init, optimizer; µs per step."""
     torch.set_num_threads(1)
-    x, y = RegressionData().splits["train"]
+    x, y = boston().splits["train"]
     net = nn.Sequential(
         nn.Linear(13, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
     )
@@ -81,7 +87,7 @@ class EmptyStep(L.LightningModule):
 
 def lightning_floor(epochs: int = EPOCHS) -> float:
     """Per-batch cost of Lightning's own loop over the same in-memory batches; µs/step."""
-    data = RegressionData()
+    data = boston()
     trainer = L.Trainer(
         max_epochs=epochs,
         logger=False,
@@ -108,7 +114,7 @@ def lightning_fit(*overrides: str) -> float:
 
 def plain_stacked(replicas: int, device: str, epochs: int = 2) -> float:
     """The same stacked model and RMSprop in a plain loop (the GPU baseline); µs per step."""
-    x, y = (t.to(device) for t in RegressionData().splits["train"])
+    x, y = (t.to(device) for t in boston().splits["train"])
     net = StackedMLP(13, [64, 64], seeds=list(range(replicas))).to(device)
     opt = torch.optim.RMSprop(net.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
     steps = 0

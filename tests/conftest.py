@@ -71,6 +71,15 @@ def run_cli(
     return proc
 
 
+def set_up(*args, **kwargs):
+    """A RegressionData with its file read, split and scaled, as train.py prepares it."""
+    from housing_reg.data import RegressionData
+
+    data = RegressionData(*args, **kwargs)
+    data.setup("fit")
+    return data
+
+
 def job_dirs(sweep_root: Path) -> list[Path]:
     """Every job directory (one holding .hydra/) under a multirun root, in job order."""
     jobs = [

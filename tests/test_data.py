@@ -24,10 +24,12 @@ from housing_reg.data import (
     target_scaler,
 )
 
+from conftest import set_up
+
 
 @pytest.fixture(scope="module")
 def boston() -> RegressionData:
-    return RegressionData()
+    return set_up()
 
 
 def test_bundled_csv_has_506_rows_and_13_features():
@@ -65,7 +67,7 @@ def test_features_standardized_on_training_rows_only(boston: RegressionData):
 
 
 def test_val_fraction_carves_validation_from_training_rows():
-    dm = RegressionData(val_fraction=0.25)
+    dm = set_up(val_fraction=0.25)
     assert len(dm.splits["train"][0]) == 303 and len(dm.splits["val"][0]) == 101
     assert len(dm.splits["test"][0]) == 102
     x_fit, _ = dm.splits["train"]
@@ -73,15 +75,15 @@ def test_val_fraction_carves_validation_from_training_rows():
 
 
 def test_folds_partition_the_training_rows():
-    vals = [RegressionData(num_folds=4, fold=k).splits["val"][1] for k in range(4)]
+    vals = [set_up(num_folds=4, fold=k).splits["val"][1] for k in range(4)]
     assert [len(v) for v in vals] == [101, 101, 101, 101]
     all_val = torch.cat(vals).squeeze(-1)
-    train_y = RegressionData().splits["train"][1].squeeze(-1)
+    train_y = set_up().splits["train"][1].squeeze(-1)
     assert sorted(all_val.tolist()) == sorted(train_y.tolist())
 
 
 def test_batches_are_shuffled_per_epoch_and_seeded():
-    dm = RegressionData(batch_size=32, steps_per_block=1, seeds=[7, 8])
+    dm = set_up(batch_size=32, steps_per_block=1, seeds=[7, 8])
     loader = dm.train_dataloader()
     blocks = list(loader)
     assert len(blocks) == len(loader) == 13 and all(len(b) == 1 for b in blocks)
@@ -89,7 +91,7 @@ def test_batches_are_shuffled_per_epoch_and_seeded():
     x, y = batches[0]
     assert x.shape == (2, 32, 13) and y.shape == (2, 32, 1)
     assert batches[-1][0].shape == (2, 404 - 12 * 32, 13)
-    again = list(RegressionData(batch_size=32, steps_per_block=1, seeds=[7, 8]).train_dataloader())
+    again = list(set_up(batch_size=32, steps_per_block=1, seeds=[7, 8]).train_dataloader())
     assert torch.equal(batches[0][1], again[0][0][1])  # same seed, same order
     assert not torch.equal(y[0], y[1])  # each replica its own order
     seen = torch.cat([b[1][0] for b in batches]).squeeze(-1)
@@ -97,8 +99,8 @@ def test_batches_are_shuffled_per_epoch_and_seeded():
 
 
 def test_blocks_are_consecutive_mini_batches():
-    blocks = list(RegressionData(batch_size=5, steps_per_block=16).train_dataloader())
-    singles = list(RegressionData(batch_size=5, steps_per_block=1).train_dataloader())
+    blocks = list(set_up(batch_size=5, steps_per_block=16).train_dataloader())
+    singles = list(set_up(batch_size=5, steps_per_block=1).train_dataloader())
     assert [len(b) for b in blocks] == [16] * 5 + [1]  # 81 mini-batches of 5 rows (the last 4)
     assert [len(b) for b in singles] == [1] * 81
     ys = [torch.cat([y for block in b for _, y in block], 1) for b in (blocks, singles)]
@@ -153,7 +155,7 @@ def test_an_empty_data_path_is_refused_and_none_is_the_bundled_file():
             "data.path is empty; set it to a CSV file, or to null for the bundled data"
         )
         with pytest.raises(DataError, match="data.path is empty"):
-            RegressionData(path)
+            set_up(path)
     with pytest.raises(DataError, match="data.path=0 is not a file path"):
         load_csv(0)
     assert load_csv(None).x.shape == (506, 13)
@@ -276,8 +278,8 @@ def test_a_target_whose_square_overflows_float32_needs_scaling(tmp_path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(DataError, match="overflow float32 when squared.*target_scaling=sta"):
-            RegressionData(str(path).replace("big", "bigger"), "y")
-        dm = RegressionData(str(path), "y", target_scaling="standard")
+            set_up(str(path).replace("big", "bigger"), "y")
+        dm = set_up(str(path), "y", target_scaling="standard")
     assert torch.isfinite(dm.splits["train"][1]).all()
     assert dm.unscale(dm.splits["test"][1]).abs().max() < 1e19
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from housing_reg.data import BOSTON_CSV, BUNDLED, DataError, RegressionData, keras_split
+from housing_reg.data import BOSTON_CSV, BUNDLED, DataError, keras_split
+
+from conftest import set_up
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = BOSTON_CSV.parent
@@ -50,23 +52,21 @@ def test_diabetes_file_is_the_lars_data():
 
 
 def test_data_settings_name_the_data_target_and_unit(tmp_path: Path):
-    boston = RegressionData()
+    boston = set_up()
     assert (boston.dataset, boston.target_label, boston.target_unit) == ("boston", "MEDV", "$1000s")
-    diabetes = RegressionData(name="diabetes", target="progression")
+    diabetes = set_up(name="diabetes", target="progression")
     assert (diabetes.dataset, diabetes.target_label, diabetes.target_unit) == (
         "diabetes", "progression", ""
     )  # fmt: skip
     assert diabetes.num_features == 10 and len(diabetes.splits["test"][1]) == 89
     own = tmp_path / "my_lab.csv"
     own.write_text((DATASETS / "diabetes.csv").read_text())
-    mine = RegressionData(path=str(own), target="BMI")
+    mine = set_up(path=str(own), target="BMI")
     assert (mine.dataset, mine.target_label, mine.target_unit) == ("my_lab", "BMI", "")
-    named = RegressionData(
-        path=str(own), target="BMI", target_label="body mass", target_unit="kg/m²"
-    )
+    named = set_up(path=str(own), target="BMI", target_label="body mass", target_unit="kg/m²")
     assert (named.target_label, named.target_unit) == ("body mass", "kg/m²")
     with pytest.raises(DataError, match="data.name='iris': choose one of boston, diabetes"):
-        RegressionData(name="iris")
+        set_up(name="iris")
 
 
 def test_diabetes_config_splits_like_boston(make_cfg):

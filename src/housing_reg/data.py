@@ -237,42 +237,53 @@ class EpochBatches:
 
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         e = self.epoch()
+        index = np.int32 if self.rows < 2**31 else np.int64  # R x N of them: half the memory
         order = torch.from_numpy(
-            np.stack([np.random.default_rng((s, e)).permutation(self.rows) for s in self.seeds])
+            np.stack(
+                [
+                    np.random.default_rng((s, e)).permutation(self.rows).astype(index)
+                    for s in self.seeds
+                ]
+            )
         )
-        if self.x.dim() == 2:  # rows shared by every replica
-            x, y = self.x[order], self.y[order]  # one gather per epoch, then views
-        else:  # each replica its own rows (jobs with other folds or scalers in one fit)
-            r = torch.arange(len(self.seeds)).unsqueeze(1)
-            x, y = self.x[r, order], self.y[r, order]
         b = self.batch_size
-        steps = [(x[:, i : i + b], y[:, i : i + b]) for i in range(0, self.rows, b)]
-        for k in range(0, len(steps), self.steps_per_block):
-            yield steps[k : k + self.steps_per_block]
+        per_block = b * self.steps_per_block
+        r = torch.arange(len(self.seeds)).unsqueeze(1)
+        # Gathered one block at a time: a whole epoch for every replica, (R, N, F), would not
+        # fit at a million rows and a hundred replicas.
+        for k in range(0, self.rows, per_block):
+            rows = order[:, k : k + per_block]
+            if self.x.dim() == 2:  # rows shared by every replica
+                x, y = self.x[rows], self.y[rows]
+            else:  # each replica its own rows (jobs with other folds or scalers in one fit)
+                x, y = self.x[r, rows], self.y[r, rows]
+            yield [(x[:, i : i + b], y[:, i : i + b]) for i in range(0, rows.shape[1], b)]
 
 
-class FullBatch:
-    """A whole evaluation split as one batch (none if the split is empty)."""
+class Chunks:
+    """An evaluation split in chunks of `rows` rows (none if the split is empty): the
+    activations of every replica for every row at once would not fit at scale."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, rows: int):
+        self.x, self.y, self.rows = x, y, rows
 
     def __len__(self) -> int:
-        return int(self.x.shape[-2] > 0)
+        return math.ceil(self.x.shape[-2] / self.rows)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if len(self):
-            yield self.x, self.y
+        for i in range(0, self.x.shape[-2], self.rows):
+            yield self.x[..., i : i + self.rows, :], self.y[..., i : i + self.rows, :]
 
 
 class Batches(L.LightningDataModule):
     """Serves `splits` ({"train", "val", "test"}: scaled x and y) to Lightning: training rows
-    in seeded blocks, each evaluation split whole."""
+    in seeded blocks, evaluation splits in chunks of eval_batch_size rows."""
 
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
     seeds: Sequence[int]
     batch_size: int
     steps_per_block: int
+    eval_batch_size: int
 
     @property
     def has_validation(self) -> bool:
@@ -289,15 +300,20 @@ class Batches(L.LightningDataModule):
             self.steps_per_block,
         )
 
-    def val_dataloader(self) -> FullBatch:
-        return FullBatch(*self.splits["val"])
+    def val_dataloader(self) -> Chunks:
+        return Chunks(*self.splits["val"], self.eval_batch_size)
 
-    def test_dataloader(self) -> FullBatch:
-        return FullBatch(*self.splits["test"])
+    def test_dataloader(self) -> Chunks:
+        return Chunks(*self.splits["test"], self.eval_batch_size)
 
 
 class RegressionData(Batches):
-    """A numeric CSV split Keras-style into train/test, with optional validation fold."""
+    """A numeric CSV split Keras-style into train/test, with optional validation fold.
+
+    The settings are checked on construction; the file is read, split and scaled in setup(),
+    as Lightning intends. train.py calls setup() itself before the model is built (the model
+    carries the scalers); Lightning's own call then finds it done.
+    """
 
     def __init__(
         self,
@@ -311,6 +327,7 @@ class RegressionData(Batches):
         fold: int = 0,
         batch_size: int = 1,
         steps_per_block: int = 16,
+        eval_batch_size: int = 4096,
         target_scaling: str = "none",
         target_range: Sequence[float] = (0.0, 1.0),
         name: str = "boston",
@@ -327,27 +344,39 @@ class RegressionData(Batches):
             fold,
             batch_size,
             steps_per_block,
+            eval_batch_size,
             target_scaling,
             target_range,
         )
-        self.batch_size, self.steps_per_block, self.seeds = batch_size, steps_per_block, seeds
         if path is None and name not in BUNDLED:
             raise DataError(
                 f"data.name={name!r}: choose one of {', '.join(BUNDLED)} or set data.path"
             )
+        self.path, self.target, self.wanted_features = path, target, features
+        self.test_split, self.split_seed = test_split, split_seed
+        self.val_fraction, self.num_folds, self.fold = val_fraction, num_folds, fold
+        self.batch_size, self.steps_per_block, self.seeds = batch_size, steps_per_block, seeds
+        self.eval_batch_size = eval_batch_size
+        self.target_scaling, self.target_range = target_scaling, target_range
+        self.name, self.label, self.unit = name, target_label, target_unit
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "splits"):
+            return
+        path, name = self.path, self.name
         csv_file, unit = ("", "") if path is not None else BUNDLED[name]
         source = BOSTON_CSV.with_name(csv_file) if path is None else path
-        table = load_csv(source, target, features)  # one-line errors for a bad path too
+        table = load_csv(source, self.target, self.wanted_features)  # one-line errors
         self.file = file_fingerprint(Path(source))  # recorded: resume and evaluate check it
         self.features, self.target = table.features, table.target
         self.dataset = name if path is None else Path(path).stem
-        self.target_label = target_label or table.target
-        self.target_unit = unit if target_unit is None else target_unit
-        train_idx, test_idx = keras_split(len(table.y), test_split, split_seed)
-        if num_folds:
-            fit_idx, val_idx = fold_split(len(train_idx), num_folds, fold)
-        elif val_fraction:
-            n_val = max(1, round(len(train_idx) * val_fraction))
+        self.target_label = self.label or table.target
+        self.target_unit = unit if self.unit is None else self.unit
+        train_idx, test_idx = keras_split(len(table.y), self.test_split, self.split_seed)
+        if self.num_folds:
+            fit_idx, val_idx = fold_split(len(train_idx), self.num_folds, self.fold)
+        elif self.val_fraction:
+            n_val = max(1, round(len(train_idx) * self.val_fraction))
             fit_idx, val_idx = (
                 np.arange(len(train_idx) - n_val),
                 np.arange(len(train_idx) - n_val, len(train_idx)),
@@ -355,16 +384,16 @@ class RegressionData(Batches):
         else:
             fit_idx, val_idx = np.arange(len(train_idx)), np.arange(0)
         fit_idx, val_idx = train_idx[fit_idx], train_idx[val_idx]
-        wants_val = bool(num_folds or val_fraction)
+        wants_val = bool(self.num_folds or self.val_fraction)
         if len(fit_idx) < 2 or len(test_idx) < 1 or (wants_val and len(val_idx) < 1):
             raise DataError(
                 f"data: {len(table.y)} rows leave {len(fit_idx)} to train on, "
                 f"{len(val_idx)} to validate and {len(test_idx)} to test; supply more rows "
                 "or change data.test_split / data.val_fraction / data.num_folds"
             )
-        if batch_size > len(fit_idx):
+        if self.batch_size > len(fit_idx):
             raise DataError(
-                f"data.batch_size={batch_size} is larger than the {len(fit_idx)} "
+                f"data.batch_size={self.batch_size} is larger than the {len(fit_idx)} "
                 "training rows; choose a batch size between 1 and that"
             )
         x_fit, y_fit = table.x[fit_idx], table.y[fit_idx]
@@ -374,13 +403,13 @@ class RegressionData(Batches):
                 f"{len(fit_idx)} training rows; there is nothing to learn, check data.target"
             )
         self.x_scaler = standardizer(x_fit, table.features)
-        self.y_scaler = target_scaler(y_fit, target_scaling, target_range, table.target)
+        self.y_scaler = target_scaler(y_fit, self.target_scaling, self.target_range, table.target)
         # Rows not fitted on (validation, test) can lie far outside the training range.
         check_scaled(self.x_scaler, table.x, table.features)
         check_scaled(self.y_scaler, table.y, [table.target])
         self.splits = {
-            name: (self._x(table.x[idx]), self._y(table.y[idx]))
-            for name, idx in (("train", fit_idx), ("val", val_idx), ("test", test_idx))
+            split: (self._x(table.x[idx]), self._y(table.y[idx]))
+            for split, idx in (("train", fit_idx), ("val", val_idx), ("test", test_idx))
         }
 
     def _x(self, a: np.ndarray) -> torch.Tensor:
@@ -411,25 +440,37 @@ class RegressionData(Batches):
 
 class FitData(Batches):
     """The rows of one fit of several jobs: each job's own rows and scalers (its
-    RegressionData), one copy per replica, stacked in replica order. A fit of one job shares
-    its rows across its replicas, as a lone run always has."""
+    RegressionData, set up), one copy per replica, stacked in replica order. A fit of one job
+    shares its rows across its replicas, as a lone run always has."""
 
     def __init__(self, jobs: Sequence[RegressionData]):
         super().__init__()
+        self.parts = jobs
         first = jobs[0]
         self.batch_size, self.steps_per_block = first.batch_size, first.steps_per_block
+        self.eval_batch_size = first.eval_batch_size
         self.seeds = [s for d in jobs for s in d.seeds]
         self.jobs = len(jobs)
-        if len(jobs) == 1:
-            self.splits = first.splits
-        else:
-            self.splits = {
-                name: tuple(
-                    torch.cat([d.splits[name][k].expand(len(d.seeds), -1, -1) for d in jobs])
-                    for k in (0, 1)
-                )
-                for name in first.splits
-            }
+
+    @property
+    def has_validation(self) -> bool:
+        return self.parts[0].has_validation
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "splits"):
+            return
+        for d in self.parts:
+            d.setup(stage)
+        if len(self.parts) == 1:
+            self.splits = self.parts[0].splits
+            return
+        self.splits = {
+            name: tuple(
+                torch.cat([d.splits[name][k].expand(len(d.seeds), -1, -1) for d in self.parts])
+                for k in (0, 1)
+            )
+            for name in self.parts[0].splits
+        }
 
     @property
     def models(self) -> int:
@@ -449,6 +490,7 @@ def check_settings(
     fold: int,
     batch_size: int,
     steps_per_block: int,
+    eval_batch_size: int,
     target_scaling: str,
     target_range: Sequence[float],
 ) -> None:
@@ -489,3 +531,7 @@ def check_settings(
         )
     if steps_per_block < 1:
         raise DataError(f"data.steps_per_block={steps_per_block} must be >= 1")
+    if eval_batch_size < 1:
+        raise DataError(
+            f"data.eval_batch_size={eval_batch_size} must be >= 1 (rows per evaluation chunk)"
+        )

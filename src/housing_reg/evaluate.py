@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue
 from housing_reg.cli import quote_paths
 from housing_reg.data import DataError, load_csv
 from housing_reg.jobdir import load_checkpoint, write_json
-from housing_reg.model import Regressor, mae, mse
+from housing_reg.model import Regressor, errors
 from housing_reg.record import JobRecorder, spread, write_predictions, write_replicas
 from housing_reg.settings import USER_ERRORS, ConfigError, create
 
@@ -41,6 +41,7 @@ def evaluate(
         if saved and node.get("path") is not None:
             node["path"] = saved["path"]  # the file it was trained on, from anywhere
         data = create(OmegaConf.create(node))
+        data.setup("test")
         if saved and data.file["sha256"] != saved["sha256"]:
             raise DataError(
                 f"{data.file['path']} has changed since {ckpt_path} was trained on it "
@@ -49,9 +50,8 @@ def evaluate(
                 "to evaluate the model on the file as it is now, pass data.path="
                 f"{data.file['path']}"
             )
-        with torch.no_grad():
-            pred, true = model.predict_split(data.splits["test"])
-        true = true[0]
+        x, y = data.splits["test"]
+        pred, true = model.predict(x, data.eval_batch_size), model.unscale(y).squeeze(-1)
         name, source = "test", f"test split of {config['data']['path'] or 'the bundled data'}"
     else:
         table = load_csv(data_path, config["data"]["target"], model.hparams.features, True)
@@ -64,15 +64,14 @@ def evaluate(
                 f"{data_path}: column(s) {', '.join(beyond)} hold values that, scaled with the "
                 "training rows' statistics, lie beyond float32's range; drop those rows"
             )
-        with torch.no_grad():
-            pred = model.unscale(model(x)).squeeze(-1)
+        pred = model.predict(x, config["data"].get("eval_batch_size", 4096))
         true = torch.from_numpy(table.y).float()
         name, source = Path(data_path).stem, str(data_path)
 
     job = ckpt_path.resolve().parent.parent  # JOB/checkpoints/last.ckpt
     out = Path(output_dir) if output_dir else job / "evaluate" / name
     out.mkdir(parents=True, exist_ok=True)
-    per_replica = {"mae": mae(pred, true.expand_as(pred)), "mse": mse(pred, true.expand_as(pred))}
+    per_replica = errors(pred, true, config["data"].get("eval_batch_size", 4096))
     metrics = {
         "status": "ok",
         "ckpt_path": str(ckpt_path),

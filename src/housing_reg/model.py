@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x (R, B, F) or (N, F), y (R, B, 1) or (N, 1)
 
@@ -90,8 +91,12 @@ class Regressor(L.LightningModule):
     """Trains R replicas on scaled targets; measures every metric in the target's own units.
 
     A training batch is a block of mini-batches (data.EpochBatches), one optimizer step each.
-    Per-replica results of the latest epoch and test sit in `results`, for the job recorders
-    (record.py), which log and write them job by job. The input standardizer and target scaler
+    Every metric is a torchmetrics object with one output per replica, fed in chunks of at
+    least `metric_rows` rows (data.eval_batch_size; None: each epoch's training rows at once):
+    memory stays bounded at any number of rows, and a split that fits in one chunk gets exactly
+    the one-batch numbers. Per-replica results
+    of the latest epoch and test sit in `results`, for the job recorders (record.py), which log
+    and write them job by job. The input standardizer and target scaler
     travel with the model as buffers, and the feature names as a hyperparameter, so a
     checkpoint alone turns raw CSV columns into predictions. In a fit of several jobs the
     buffers hold one scaler per replica, shape (R, 1, F) and (R, 1, 1), and `seeds` the seed
@@ -116,6 +121,7 @@ class Regressor(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        metric_rows: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -123,6 +129,7 @@ class Regressor(L.LightningModule):
                 "head",
                 "optimizer",
                 "lr_scheduler",
+                "metric_rows",
                 "x_shift",
                 "x_scale",
                 "y_shift",
@@ -147,7 +154,20 @@ class Regressor(L.LightningModule):
             t = torch.as_tensor(v, dtype=dtype)
             self.register_buffer(name, t if t.dim() == 3 else t.reshape(-1))
         self.results: dict[str, torch.Tensor] = {}  # per replica, see the class docstring
-        self._epoch: list[Batch] = []
+        r = self.replicas
+        # Metric inputs are (rows, replicas): torchmetrics' multi-output layout.
+        self.metrics = nn.ModuleDict(
+            {
+                "train_mae": MeanAbsoluteError(num_outputs=r),
+                "train_loss": MeanSquaredError(num_outputs=r),  # scaled units
+                "val_mae": MeanAbsoluteError(num_outputs=r),
+                "test_mae": MeanAbsoluteError(num_outputs=r),
+                "test_mse": MeanSquaredError(num_outputs=r),
+            }
+        )
+        self.metric_rows = metric_rows
+        self._pending: list[Batch] = []  # training predictions not yet fed to the metrics
+        self._test: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def replicas(self) -> int:
@@ -167,9 +187,11 @@ class Regressor(L.LightningModule):
         return ((x_raw.to(self.x_shift) - self.x_shift) / self.x_scale).float()
 
     @torch.no_grad()
-    def predict_raw(self, x_raw: torch.Tensor) -> torch.Tensor:
-        """Raw CSV features (N, F) -> predictions in original units, shape (R, N)."""
-        return self.unscale(self(self.scale_inputs(x_raw))).squeeze(-1)
+    def predict(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Scaled features (N, F) -> predictions in original units (R, N), `rows` rows at a
+        time, as test_step sees them: every replica's activations for every row need not fit."""
+        chunks = [self.unscale(self(x[i : i + rows])) for i in range(0, len(x), rows)]
+        return torch.cat(chunks, dim=1).squeeze(-1)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -179,7 +201,8 @@ class Regressor(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        self._epoch = []  # (predictions, targets) of every mini-batch, scaled units
+        self._pending = []
+        self._finite = torch.ones(self.replicas, dtype=torch.bool, device=self.device)
 
     def training_step(self, block: list[Batch], block_idx: int) -> None:
         """One optimizer step per mini-batch of the block."""
@@ -195,7 +218,18 @@ class Regressor(L.LightningModule):
             if self.hparams.gradient_clip_val is not None:
                 self.clip_gradients_per_replica()
             opt.step()
-            self._epoch.append((pred.detach(), y))
+            self._pending.append((pred.detach(), y))
+        rows = sum(p.shape[1] for p, _ in self._pending)
+        if self.metric_rows is not None and rows >= self.metric_rows:
+            self.update_train_metrics()
+
+    def update_train_metrics(self) -> None:
+        """Feed the pending mini-batches' predictions to the epoch's metrics, as one chunk."""
+        pred, true = (torch.cat(t, dim=1) for t in zip(*self._pending, strict=True))
+        self._pending = []
+        self._finite &= torch.isfinite(pred).flatten(1).all(dim=1)
+        self.metrics["train_mae"].update(*(self.unscale(t).squeeze(-1).T for t in (pred, true)))
+        self.metrics["train_loss"].update(pred.squeeze(-1).T, true.squeeze(-1).T)
 
     @torch.no_grad()
     def clip_gradients_per_replica(self) -> None:
@@ -215,12 +249,19 @@ class Regressor(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """Per replica: train MAE (target units), loss (scaled units), and whether finite."""
-        pred, true = (torch.cat(t, dim=1) for t in zip(*self._epoch, strict=True))
-        self._epoch = []
-        self.results["train/finite"] = torch.isfinite(pred).flatten(1).all(dim=1)
-        self.results["train/mae"] = mae(*(self.unscale(t).squeeze(-1) for t in (pred, true)))
-        self.results["train/loss"] = (pred - true).square().squeeze(-1).mean(dim=1)
+        if self._pending:
+            self.update_train_metrics()
+        self.results["train/finite"] = self._finite
+        self.results["train/mae"] = self.compute("train_mae")
+        self.results["train/loss"] = self.compute("train_loss")
         self.step_lr_scheduler()
+
+    def compute(self, name: str) -> torch.Tensor:
+        """A metric's per-replica value, shape (R,); then reset for the next epoch."""
+        metric = self.metrics[name]
+        value = metric.compute().reshape(-1)
+        metric.reset()
+        return value
 
     def step_lr_scheduler(self) -> None:
         """Once per epoch, as Lightning documents for manual optimization (it steps nothing
@@ -237,34 +278,50 @@ class Regressor(L.LightningModule):
         else:
             scheduler.step()
 
-    # -- evaluation: each split is one full batch ---------------------------------------------
+    # -- evaluation: each split in chunks of data.eval_batch_size rows ------------------------
     def predict_split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """A scaled (x, y) split -> predictions (R, N) and targets (R, N), original units."""
+        """Scaled (x, y) rows -> predictions (R, N) and targets (R, N), original units."""
         x, y = batch
         pred = self.unscale(self(x)).squeeze(-1)
         true = self.unscale(y.expand(self.replicas, -1, -1) if y.dim() == 2 else y)
         return pred, true.squeeze(-1)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.results["val/mae"] = mae(*self.predict_split(batch))
+        self.metrics["val_mae"].update(*(t.T for t in self.predict_split(batch)))
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.compute("val_mae")
+        if not self.trainer.sanity_checking:  # a sanity check sees only a few chunks
+            self.results["val/mae"] = value
+
+    def on_test_epoch_start(self) -> None:
+        self._test = []
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         pred, true = self.predict_split(batch)
+        self.metrics["test_mae"].update(pred.T, true.T)
+        self.metrics["test_mse"].update(pred.T, true.T)
+        self._test.append((pred, true))
+
+    def on_test_epoch_end(self) -> None:
+        pred, true = (torch.cat(t, dim=1) for t in zip(*self._test, strict=True))
+        self._test = []
         self.results |= {
-            "test/mae": mae(pred, true),
-            "test/mse": mse(pred, true),
+            "test/mae": self.compute("test_mae"),
+            "test/mse": self.compute("test_mse"),
             "test/pred": pred,
             "test/true": true,
         }
 
 
-def mae(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error of each replica's row: (R, N) -> (R,). Bit for bit what
-    torchmetrics' mean_absolute_error gives row by row, without a Python loop over rows."""
-    return (pred - true).abs().sum(dim=-1) / true.shape[-1]
-
-
-def mse(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of each replica's row: (R, N) -> (R,), as torchmetrics computes it."""
-    diff = pred - true
-    return (diff * diff).sum(dim=-1) / true.shape[-1]
+def errors(pred: torch.Tensor, true: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    """Per-replica MAE and MSE of predictions (R, N) against targets (R, N) or (N,), fed to
+    torchmetrics in chunks of `rows` rows (a model's own test uses Regressor.test_step)."""
+    r = pred.shape[0]
+    metrics = {"mae": MeanAbsoluteError(num_outputs=r), "mse": MeanSquaredError(num_outputs=r)}
+    for i in range(0, pred.shape[1], rows):
+        p = pred[:, i : i + rows]
+        t = true[..., i : i + rows].expand_as(p)
+        for metric in metrics.values():
+            metric.update(p.T, t.T)
+    return {name: metric.compute().reshape(-1) for name, metric in metrics.items()}

@@ -37,6 +37,7 @@ NUMERIC_KEYS = {
     "model.replicas": int,
     "data.batch_size": int,
     "data.steps_per_block": int,
+    "data.eval_batch_size": int,
     "data.test_split": float,
     "data.split_seed": int,
     "data.val_fraction": float,
@@ -116,6 +117,7 @@ def check_config(cfg: DictConfig) -> None:
             d.fold,
             d.batch_size,
             d.steps_per_block,
+            d.get("eval_batch_size", 4096),
             d.target_scaling,
             d.target_range,
         )

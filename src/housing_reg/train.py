@@ -89,6 +89,7 @@ def prepare(index: int, cfg: DictConfig) -> Prepared:
     check_config(cfg)
     check_not_replacing(cfg)
     data: RegressionData = create(cfg.data, seeds=replica_seeds(cfg.seed, cfg.model.replicas))
+    data.setup("fit")  # now, not in trainer.fit: every job's data is checked before any trains
     head = create(cfg.head.activation)
     resume_from, progress = checkpoint_to_resume(cfg, data.file)
     return Prepared(index, cfg, data, head, resume_from, progress)
@@ -197,6 +198,7 @@ def build_model(jobs: list[Prepared], data: FitData) -> Regressor:
         seed=first.cfg.seed,
         head_name=first.cfg.head.name,
         replicas=data.models,
+        metric_rows=data.eval_batch_size,
         seeds=data.seeds,
         gradient_clip_val=first.cfg.trainer.get("gradient_clip_val"),
         gradient_clip_algorithm=first.cfg.trainer.get("gradient_clip_algorithm", "norm"),
