@@ -163,6 +163,16 @@ def _load(path: Path) -> Any:
         return None
 
 
+def job_of(ckpt: Path) -> Path | None:
+    """The job directory a checkpoint lies in (JOB/checkpoints/NAME.ckpt, JOB holding .hydra/
+    or metrics.json), or None for a checkpoint kept anywhere else (a copy in /tmp)."""
+    folder = ckpt.resolve().parent
+    if folder.name != CHECKPOINT.parent.name:
+        return None
+    job = folder.parent
+    return job if (job / ".hydra").is_dir() or (job / "metrics.json").is_file() else None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents (tensors and plain data only), or one RecordError line."""
     if not path.is_file():
