@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +168,33 @@ def test_unwritable_output_is_one_line(job: Path, tmp_path: Path):
         assert line.startswith(f"error: {what}") and line.endswith(way_out), line
         assert len(proc.stderr.strip().splitlines()) == 1
     assert (job_copy / "evaluate").is_file() and (tmp_path / "afile").read_text() == ""
+
+
+def small_disk() -> None:
+    """In the child: files end at 4 kB, as on a disk that fills (EFBIG, not a signal)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+
+
+def test_a_disk_that_fills_leaves_no_half_an_evaluation(job: Path, tmp_path: Path):
+    """predictions.csv for 506 rows outgrows the limit: one line, and what was written is
+    gone: the new directory, or, in a given empty one, every file (it can be used again)."""
+    job_copy = copy_job(job, tmp_path / "job")
+    given = tmp_path / "given"
+    given.mkdir()
+    for extra in ([], [f"output_dir={given}"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "housing_reg.evaluate", f"ckpt_path={job_copy / CKPT}"]
+            + [f"data.path={BOSTON_CSV}", *extra],
+            preexec_fn=small_disk,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "(File too large); " in last_line(proc)
+    assert list((job_copy / "evaluate").iterdir()) == [] and list(given.iterdir()) == []
+    assert evaluate(job_copy / CKPT, output_dir=given)["output_dir"] == str(given)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
