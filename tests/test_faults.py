@@ -149,11 +149,11 @@ def test_interrupt_resume_evaluate_and_rerun_match_an_uninterrupted_run(tmp_path
     assert not (cut / "failure.json").exists()  # the finished retry clears the failure
     assert len(read_metrics(cut)["fit_seconds_per_session"]) == 2  # the resumed part apart
 
-    m = json.loads((full / "evaluate" / "test" / "metrics.json").read_text())
+    m = json.loads((full / "evaluate" / "last_on_test_split" / "metrics.json").read_text())
     assert m["mae"] == expected["test/mae"] and m["rows"] == 102
-    evaluated = replicas(full / "evaluate" / "test")
+    evaluated = replicas(full / "evaluate" / "last_on_test_split")
     assert [r["mae"] for r in evaluated] == [r["test/mae"] for r in replicas(full)]
-    pred = (full / "evaluate" / "test" / "predictions.csv").read_bytes()
+    pred = (full / "evaluate" / "last_on_test_split" / "predictions.csv").read_bytes()
     assert pred == (full / "predictions.csv").read_bytes()
 
     # The job directory's saved config alone reruns the job to the same numbers.

@@ -49,7 +49,7 @@ def sweeps(tmp_path_factory) -> Path:
     # An evaluation inside a job writes metrics.json of its own: not a job, not a failure.
     run_cli(f"ckpt_path={jobs[2] / 'checkpoints' / 'last.ckpt'}", module="housing_reg.evaluate",
             cwd=root)  # fmt: skip
-    assert (jobs[2] / "evaluate" / "test" / "metrics.json").exists()
+    assert (jobs[2] / "evaluate" / "last_on_test_split" / "metrics.json").exists()
     half = root / "a" / "98_still_running"
     shutil.copytree(jobs[0], half)
     (half / "metrics.json").unlink()

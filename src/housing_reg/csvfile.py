@@ -34,7 +34,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Table:
     x: np.ndarray  # (rows, features) float64
-    y: np.ndarray  # (rows,) float64
+    y: np.ndarray | None  # (rows,) float64; None: no target column (load_csv's need_target)
     features: tuple[str, ...]
     target: str
 
@@ -63,13 +63,15 @@ def load_csv(
     target: str = "MEDV",
     features: Sequence[str] | None = None,
     allow_constant: bool = False,
+    need_target: bool = True,
 ) -> Table:
     """Read a numeric CSV with a header row; every failure is a one-line DataError.
 
     path None is the bundled Boston file. Every cell must be a numeral (see NUMERAL); messages
     give the file's own line numbers, blank lines counted. Constant feature columns are refused
     unless allow_constant (rows to predict on, not to fit a standardizer on): their standard
-    deviation is 0, and dividing by it is undefined.
+    deviation is 0, and dividing by it is undefined. A file without the target column is
+    refused, unless need_target is False (rows to predict on only): then Table.y is None.
 
     A body that can hold nothing but numerals is parsed by np.loadtxt (_fast_body); any other,
     and any that loadtxt refuses, is read by the csv module and checked cell by cell
@@ -89,7 +91,7 @@ def load_csv(
             f"{path}: header has empty or duplicate column names: "
             f"{','.join(header)}; give every column a unique name"
         )
-    if target not in header:
+    if target not in header and need_target:
         raise DataError(
             f"{path}: target column {target!r} not found; set data.target to "
             f"one of: {', '.join(header)}"
@@ -126,7 +128,8 @@ def load_csv(
             f"{path}: feature column(s) {', '.join(constant)} are constant and "
             "cannot be standardized; leave them out with data.features=[...]"
         )
-    return Table(x, values[:, header.index(target)], tuple(features), target)
+    y = values[:, header.index(target)] if target in header else None
+    return Table(x, y, tuple(features), target)
 
 
 def _is_number(s: str) -> bool:

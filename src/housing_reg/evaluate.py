@@ -3,12 +3,18 @@
 The checkpoint carries everything needed: the settings it was trained with (data, split,
 head), its input and target scalers and its feature names. On the job's own test split it
 reproduces the job's predictions.csv exactly; on another CSV (data.path=..., columns matched
-by name) it predicts in the target's own units. Settings: conf/evaluate.yaml.
+by name) it predicts in the target's own units, and without the target column it predicts
+only. Every evaluation writes into a new directory of its own (output_path), so none replaces
+another. Settings: conf/evaluate.yaml.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +25,32 @@ from omegaconf.errors import MissingMandatoryValue
 
 from housing_reg.cli import quote_paths
 from housing_reg.data import DataError, load_csv
-from housing_reg.jobdir import load_checkpoint, write_json
+from housing_reg.jobdir import job_of, load_checkpoint, write_json
 from housing_reg.model import Regressor, errors
 from housing_reg.record import JobRecorder, spread, write_predictions, write_replicas
 from housing_reg.settings import USER_ERRORS, ConfigError, create
+
+# What an evaluation writes; an explicit output_dir holding any of these, or a job's own
+# failure.json or .hydra/, is refused: no evaluation replaces another, or a job's results.
+RESULTS = ("predictions.csv", "replicas.csv", "replicas.npz", "metrics.json")
+TAKEN = (*RESULTS, "failure.json", ".hydra")
 
 
 def evaluate(
     ckpt_path: str | Path, data_path: str | None = None, output_dir: str | Path | None = None
 ) -> dict[str, Any]:
+    """Predict with the checkpoint's model and write the results into a directory of their
+    own (see output_path); returns metrics.json's contents and that directory."""
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt.get("callbacks", {}).get(JobRecorder.__qualname__, {}).get("config")
     if config is None:
         raise ConfigError(f"{ckpt_path} records no training settings; retrain with this version")
     model = load_model(ckpt, create(OmegaConf.create(config["head"]["activation"])))
+    target = config["data"]["target"]
+    rows = config["data"].get("eval_batch_size", 4096)  # rows per chunk, as in training
 
+    true: torch.Tensor | None
     if data_path is None:  # the job's own split, rebuilt exactly as in training
         saved = ckpt["callbacks"][JobRecorder.__qualname__].get("data_file")
         node = dict(config["data"])
@@ -51,10 +67,10 @@ def evaluate(
                 f"{data.file['path']}"
             )
         x, y = data.splits["test"]
-        pred, true = model.predict(x, data.eval_batch_size), model.unscale(y).squeeze(-1)
-        name, source = "test", f"test split of {config['data']['path'] or 'the bundled data'}"
-    else:
-        table = load_csv(data_path, config["data"]["target"], model.hparams.features, True)
+        pred, true = model.predict(x, rows), model.unscale(y).squeeze(-1)
+        name, source = "test_split", f"test split of {config['data']['path'] or 'the bundled data'}"
+    else:  # every row; without the target column, predictions only
+        table = load_csv(data_path, target, model.hparams.features, True, need_target=False)
         x = model.scale_inputs(torch.from_numpy(table.x))
         beyond = [
             f for f, ok in zip(table.features, torch.isfinite(x).all(0), strict=True) if not ok
@@ -64,26 +80,105 @@ def evaluate(
                 f"{data_path}: column(s) {', '.join(beyond)} hold values that, scaled with the "
                 "training rows' statistics, lie beyond float32's range; drop those rows"
             )
-        pred = model.predict(x, config["data"].get("eval_batch_size", 4096))
-        true = torch.from_numpy(table.y).float()
-        name, source = Path(data_path).stem, str(data_path)
+        pred = model.predict(x, rows)
+        true = None if table.y is None else torch.from_numpy(table.y).float()
+        name, source = Path(data_path).name, str(data_path)
 
-    job = ckpt_path.resolve().parent.parent  # JOB/checkpoints/last.ckpt
-    out = Path(output_dir) if output_dir else job / "evaluate" / name
-    out.mkdir(parents=True, exist_ok=True)
-    per_replica = errors(pred, true, config["data"].get("eval_batch_size", 4096))
+    per_replica = {} if true is None else errors(pred, true, rows)
     metrics = {
         "status": "ok",
         "ckpt_path": str(ckpt_path),
         "data": source,
-        "rows": len(true),
+        "rows": pred.shape[-1],
         "head": config["head"]["name"],
+        "target": target,
+        "predictions_only": true is None,  # no target column in the data: no MAE
         **spread(per_replica),
     }
-    write_predictions(out / "predictions.csv", pred, true)
-    write_replicas(out, model.seeds, per_replica, pred, {})
-    write_json(out / "metrics.json", metrics)
-    return metrics | {"output_dir": str(out)}
+    out, made = output_path(ckpt_path, name, output_dir)
+    try:
+        write_predictions(out / "predictions.csv", pred, true)
+        write_replicas(out, model.seeds, per_replica, pred, {})
+        write_json(out / "metrics.json", metrics)
+    except OSError as e:  # a full disk: leave no half an evaluation behind
+        for result in RESULTS:
+            with contextlib.suppress(OSError):
+                (out / result).unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise ConfigError(unwritable(out, e, output_dir)) from None
+    return metrics | {"output_dir": str(out.absolute())}
+
+
+def output_path(ckpt_path: Path, name: str, output_dir: str | Path | None) -> tuple[Path, bool]:
+    """A directory for this evaluation alone, claimed (created, or its metrics.json created)
+    so that no other evaluation can take it; and whether it was created here.
+
+    By default JOB/evaluate/<checkpoint>_on_<data> for a checkpoint in a job directory, else
+    outputs/evaluate/<date>/<time>_<checkpoint>_on_<data> under the working directory (as a
+    run's outputs/<date>/<time>); _2, _3, ... where that name is taken. An explicit
+    output_dir that already holds results (TAKEN) is refused."""
+    if output_dir:
+        return claim_given(Path(output_dir))
+    leaf = f"{ckpt_path.stem[:100]}_on_{name[:100]}"
+    job = job_of(ckpt_path)
+    if job is not None:
+        base = job / "evaluate"
+    else:
+        now = time.localtime()
+        base = Path("outputs") / "evaluate" / time.strftime("%Y-%m-%d", now)
+        leaf = time.strftime("%H-%M-%S_", now) + leaf
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count(1):
+            out = base / (leaf if n == 1 else f"{leaf}_{n}")
+            try:
+                out.mkdir()  # fails where another evaluation, even one running now, has it
+            except FileExistsError:
+                continue
+            return out, True
+    except OSError as e:
+        raise ConfigError(unwritable(base, e, None)) from None
+
+
+def claim_given(out: Path) -> tuple[Path, bool]:
+    """output_dir=DIR: created, or an existing directory that holds no results yet."""
+    try:
+        out.mkdir(parents=True)
+        made = True
+    except FileExistsError:
+        made = False
+    except OSError as e:
+        raise ConfigError(unwritable(out, e, out)) from None
+    held = [n for n in TAKEN if (out / n).exists()]
+    try:
+        if not held:  # created, not opened: two evaluations into one directory cannot both
+            os.close(os.open(out / "metrics.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        held = ["metrics.json"]
+    except OSError as e:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise ConfigError(unwritable(out, e, out)) from None
+    if held:
+        raise ConfigError(
+            f"output_dir={out} already holds {held[0]} (an earlier evaluation, or a job's "
+            "results) and is never overwritten; choose a new output_dir, or leave it out "
+            "for a directory of its own"
+        )
+    return out, made
+
+
+def unwritable(path: Path, e: OSError, output_dir: str | Path | None) -> str:
+    """The one line for a directory evaluate cannot write to, and the way out."""
+    way_out = (
+        "choose another output_dir" if output_dir else "pass output_dir=DIR to write elsewhere"
+    )
+    # mkdir(exist_ok=True) raises FileExistsError where a file has the directory's name
+    reason = "not a directory" if isinstance(e, FileExistsError) else e.strerror
+    return f"cannot write to {path} ({reason or type(e).__name__}); {way_out}"
 
 
 def load_model(ckpt: dict[str, Any], head: torch.nn.Module) -> Regressor:
@@ -103,7 +198,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit("error: ckpt_path=... is required, e.g. ckpt_path=JOB/checkpoints/last.ckpt")
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
-    print(f"{m['data']}: mae {m['mae']:.4f}, mse {m['mse']:.4f} on {m['rows']} rows")
+    if m["predictions_only"]:
+        print(
+            f"{m['data']}: predictions only (no {m['target']} column, no MAE) for {m['rows']} rows"
+        )
+    else:
+        print(f"{m['data']}: mae {m['mae']:.4f}, mse {m['mse']:.4f} on {m['rows']} rows")
     print(f"wrote {m['output_dir']}/predictions.csv and metrics.json")
 
 

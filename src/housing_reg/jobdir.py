@@ -10,6 +10,7 @@ A job directory holds, once the job has finished:
     replicas.csv       one row per replica (its seed and final metrics)
     replicas.npz       per replica: test predictions and per-epoch curves
     checkpoints/last.ckpt, TensorBoard events (scalars, HPARAMS, a pred-vs-true image)
+    evaluate/          once evaluated: one directory per evaluation (evaluate.py writes them)
 and failure.json instead of (or beside) metrics.json when a run failed: a failed retry never
 overwrites a good result. Every file is written to a temporary name in the job directory and
 renamed into place, so a reader never sees half a file and a full disk leaves no debris.
@@ -161,6 +162,16 @@ def _load(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def job_of(ckpt: Path) -> Path | None:
+    """The job directory a checkpoint lies in (JOB/checkpoints/NAME.ckpt, JOB holding .hydra/
+    or metrics.json), or None for a checkpoint kept anywhere else (a copy in /tmp)."""
+    folder = ckpt.resolve().parent
+    if folder.name != CHECKPOINT.parent.name:
+        return None
+    job = folder.parent
+    return job if (job / ".hydra").is_dir() or (job / "metrics.json").is_file() else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -404,13 +404,18 @@ def to_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def write_predictions(path: Path, pred: torch.Tensor, true: torch.Tensor) -> None:
-    """Rows in order, in the target's units: the truth and the replicas' mean prediction."""
+def write_predictions(path: Path, pred: torch.Tensor, true: torch.Tensor | None) -> None:
+    """Rows in order, in the target's units: the truth and the replicas' mean prediction; the
+    prediction alone where there is no truth (evaluate on a CSV without the target column)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["y_true", "y_pred"])
-    rows = zip(true.tolist(), pred.mean(dim=0).tolist(), strict=True)
-    w.writerows([f"{t:.6g}", f"{p:.6g}"] for t, p in rows)
+    mean = pred.mean(dim=0).tolist()
+    if true is None:
+        w.writerow(["y_pred"])
+        w.writerows([f"{p:.6g}"] for p in mean)
+    else:
+        w.writerow(["y_true", "y_pred"])
+        w.writerows([f"{t:.6g}", f"{p:.6g}"] for t, p in zip(true.tolist(), mean, strict=True))
     write_text(path, buf.getvalue())
 
 

@@ -607,14 +607,19 @@ def mae_units(groups: list[Group]) -> str:
 
 # -- entry point ---------------------------------------------------------------------------------
 class ReportError(ValueError):
-    """Nothing to report on; the message says why and what to pass instead."""
+    """Nothing to report on, or nowhere to write it; the message says why and what to pass
+    instead."""
 
 
 def report(root: Path, out: Path | None = None) -> tuple[str, int]:
     """Read root; write summary.csv, summary.md and (given runs) the figures into out.
 
-    Returns the markdown summary and the number of runs it covers.
+    Returns the markdown summary and the number of runs it covers. Nothing is written until
+    the whole report is read; an out that cannot be written is a ReportError naming it.
     """
+    way_out = (
+        "pass --out DIR to write the report elsewhere" if out is None else "choose another --out"
+    )
     out = out or root
     jobs = [read_runs(p, root) for p in find_jobs(root)]
     if not jobs:
@@ -624,12 +629,7 @@ def report(root: Path, out: Path | None = None) -> tuple[str, int]:
         )
     sweep = group_runs(jobs)
     groups = sweep.groups
-    out.mkdir(parents=True, exist_ok=True)
     rows = summary_rows(jobs, root, sweep)
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
     left_out = [j for j in jobs if j.status != "ok"]
     n_runs = sum(len(g.runs) for g in groups)
     text = [
@@ -666,15 +666,26 @@ def report(root: Path, out: Path | None = None) -> tuple[str, int]:
             name = sweep.names[sweep.shown[0]]
             text += [f"Test MAE by head and {name}:", "", pivot_table(groups), ""]
         text += ["## Verdict", "", *verdict(sweep)]
-        plot_answer(groups, out / "answer.png")
-        plot_mae_by_head(groups, out / "mae_by_head.png")
-        plot_pred_vs_true(groups, out / "pred_vs_true.png")
-        plot_curves(groups, out / "curves.png")
     if left_out:
         text += ["", "## Left out", ""]
         text += [f"- {summary_name(j.path, root)}: {j.status}: {j.reason}" for j in left_out]
     md = "\n".join(text) + "\n"
-    (out / "summary.md").write_text(md)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "summary.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
+            w.writeheader()
+            w.writerows(rows)
+        if groups:
+            plot_answer(groups, out / "answer.png")
+            plot_mae_by_head(groups, out / "mae_by_head.png")
+            plot_pred_vs_true(groups, out / "pred_vs_true.png")
+            plot_curves(groups, out / "curves.png")
+        (out / "summary.md").write_text(md)
+    except OSError as e:  # a read-only sweep directory, a full disk
+        raise ReportError(
+            f"cannot write to {out} ({e.strerror or type(e).__name__}); {way_out}"
+        ) from None
     return md, n_runs
 
 

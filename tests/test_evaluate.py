@@ -1,0 +1,288 @@
+"""Where evaluate writes (a directory of its own each time, never an earlier one), what it says
+when it cannot write (and what report says), and predicting on a CSV without the target."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from housing_reg.csvfile import BOSTON_CSV, DataError, load_csv
+from housing_reg.evaluate import evaluate
+from housing_reg.settings import ConfigError
+from housing_reg.train import train
+
+from conftest import read_metrics, run_cli
+
+CKPT = Path("checkpoints") / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    """A one-epoch job directory, as the CLI leaves it (.hydra/ included)."""
+    out = tmp_path_factory.mktemp("job")
+    with initialize_config_module("housing_reg.conf", version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"output_dir={out}",
+                "trainer.max_epochs=1",
+                "data.batch_size=64",
+                "callbacks.progress_bar.refresh_rate=0",
+            ],
+        )
+    train(cfg)
+    (out / ".hydra").mkdir()
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+    return out
+
+
+def copy_job(job: Path, to: Path) -> Path:
+    """A job of the test's own, so that evaluations of other tests do not show up in it."""
+    copy = shutil.copytree(job, to, ignore=shutil.ignore_patterns("evaluate"))
+    return Path(copy).resolve()  # as evaluate names it in its output
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def last_line(proc) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def boston_without(column: str, to: Path) -> Path:
+    lines = BOSTON_CSV.read_text().splitlines()
+    drop = lines[0].split(",").index(column)
+    to.write_text(
+        "".join(
+            ",".join(c for i, c in enumerate(line.split(",")) if i != drop) + "\n" for line in lines
+        )
+    )
+    return to
+
+
+def test_each_evaluation_in_a_job_gets_a_directory_of_its_own(job: Path, tmp_path: Path):
+    """The same evaluation twice, one on a CSV named test.csv, one of another checkpoint of
+    the job: four directories under JOB/evaluate, none rewritten by a later evaluation."""
+    job = copy_job(job, tmp_path / "job")
+    ckpt = job / CKPT
+    shutil.copy(ckpt, job / "checkpoints" / "best.ckpt")
+    shutil.copy(BOSTON_CSV, tmp_path / "test.csv")
+    first = evaluate(ckpt)
+    before = snapshot(Path(first["output_dir"]))
+    outs = [
+        evaluate(ckpt)["output_dir"],
+        evaluate(ckpt, str(tmp_path / "test.csv"))["output_dir"],
+        evaluate(job / "checkpoints" / "best.ckpt")["output_dir"],
+    ]
+    evaluated = job / "evaluate"
+    assert [first["output_dir"], *outs] == [
+        str(evaluated / "last_on_test_split"),
+        str(evaluated / "last_on_test_split_2"),
+        str(evaluated / "last_on_test.csv"),
+        str(evaluated / "best_on_test_split"),
+    ]
+    assert snapshot(Path(first["output_dir"])) == before
+    for out in outs:
+        assert json.loads((Path(out) / "metrics.json").read_text())["status"] == "ok"
+    assert sorted(p.name for p in evaluated.iterdir()) == sorted(
+        Path(o).name for o in [first["output_dir"], *outs]
+    )
+
+
+@pytest.mark.parametrize("where", ["copied", "checkpoints_folder"])
+def test_a_checkpoint_outside_a_job_evaluates_under_outputs(
+    job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+):
+    """A copy in some folder (/tmp/x.ckpt), or in a folder named checkpoints that no job
+    holds: its results go to outputs/evaluate/<date>/ of the working directory, as a run's
+    go to outputs/<date>/, never beside the checkpoint's folder."""
+    folder = tmp_path / "elsewhere" / ("x" if where == "copied" else "checkpoints")
+    folder.mkdir(parents=True)
+    ckpt = Path(shutil.copy(job / CKPT, folder / "x.ckpt"))
+    cwd = (tmp_path / "cwd").resolve()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    m = [evaluate(ckpt), evaluate(ckpt)]
+    outs = [Path(r["output_dir"]) for r in m]
+    day = cwd / "outputs" / "evaluate"
+    assert [o.parent.parent for o in outs] == [day, day]
+    assert outs[0].parent.name[:4].isdigit() and outs[0].name.endswith("_x_on_test_split")
+    assert outs[0] != outs[1]
+    assert snapshot(tmp_path / "elsewhere") == {
+        str(Path(folder.name) / "x.ckpt"): ckpt.read_bytes()
+    }
+    assert m[0]["mae"] == read_metrics(job)["test/mae"]
+
+
+def test_an_output_dir_that_holds_results_is_refused_and_kept(job: Path, tmp_path: Path):
+    ckpt = job / CKPT
+    given = tmp_path / "given"
+    evaluate(ckpt, output_dir=given)
+    job_copy = copy_job(job, tmp_path / "job")
+    kept = {given: snapshot(given), job_copy: snapshot(job_copy)}
+    for folder in kept:  # an earlier evaluation, a job directory
+        refused = f"output_dir={re.escape(str(folder))} already holds predictions.csv"
+        with pytest.raises(ConfigError, match=f"{refused}.*never overwritten"):
+            evaluate(ckpt, str(BOSTON_CSV), output_dir=folder)
+    assert {f: snapshot(f) for f in kept} == kept
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert evaluate(ckpt, output_dir=empty)["output_dir"] == str(empty)  # nothing to replace
+
+
+def test_unwritable_output_is_one_line(job: Path, tmp_path: Path):
+    """Where evaluate cannot write (here a file stands where its directory would go): one
+    line naming the directory and the way out, exit 1, nothing left behind."""
+    job_copy = copy_job(job, tmp_path / "job")
+    (job_copy / "evaluate").write_text("")  # JOB/evaluate cannot be made
+    (tmp_path / "afile").write_text("")
+    ckpt = f"ckpt_path={job_copy / CKPT}"
+    cases = [
+        (
+            (ckpt,),
+            f"cannot write to {job_copy / 'evaluate'} (not a directory)",
+            "pass output_dir=DIR to write elsewhere",
+        ),
+        (
+            (ckpt, "output_dir=afile/e"),
+            "cannot write to afile/e (Not a directory)",
+            "choose another output_dir",
+        ),
+    ]
+    for args, what, way_out in cases:
+        proc = run_cli(*args, cwd=tmp_path, module="housing_reg.evaluate", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        line = last_line(proc)
+        assert line.startswith(f"error: {what}") and line.endswith(way_out), line
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert (job_copy / "evaluate").is_file() and (tmp_path / "afile").read_text() == ""
+
+
+def small_disk() -> None:
+    """In the child: files end at 4 kB, as on a disk that fills (EFBIG, not a signal)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+
+
+def test_a_disk_that_fills_leaves_no_half_an_evaluation(job: Path, tmp_path: Path):
+    """predictions.csv for 506 rows outgrows the limit: one line, and what was written is
+    gone: the new directory, or, in a given empty one, every file (it can be used again)."""
+    job_copy = copy_job(job, tmp_path / "job")
+    given = tmp_path / "given"
+    given.mkdir()
+    for extra in ([], [f"output_dir={given}"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "housing_reg.evaluate", f"ckpt_path={job_copy / CKPT}"]
+            + [f"data.path={BOSTON_CSV}", *extra],
+            preexec_fn=small_disk,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "(File too large); " in last_line(proc)
+    assert list((job_copy / "evaluate").iterdir()) == [] and list(given.iterdir()) == []
+    assert evaluate(job_copy / CKPT, output_dir=given)["output_dir"] == str(given)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_job_directory_is_one_line(job: Path, tmp_path: Path):
+    job_copy = copy_job(job, tmp_path / "job")
+    job_copy.chmod(0o555)
+    try:
+        proc = run_cli(
+            f"ckpt_path={job_copy / CKPT}", cwd=tmp_path, module="housing_reg.evaluate", check=False
+        )
+    finally:
+        job_copy.chmod(0o755)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert last_line(proc) == (
+        f"error: cannot write to {job_copy / 'evaluate'} (Permission denied); "
+        "pass output_dir=DIR to write elsewhere"
+    )
+
+
+def test_report_that_cannot_write_is_one_line(job: Path, tmp_path: Path):
+    """Into the sweep directory itself (here summary.csv cannot be opened, as in a read-only
+    sweep) and into --out: one line naming the directory and the way out."""
+    sweep = tmp_path / "sweep"
+    copy_job(job, sweep / "0_head=none")
+    (sweep / "summary.csv").mkdir()
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (
+            (str(sweep),),
+            f"cannot write to {sweep} (",
+            "pass --out DIR to write the report elsewhere",
+        ),
+        ((str(sweep), "--out", "afile/r"), "cannot write to afile/r (", "choose another --out"),
+    ]
+    for args, what, way_out in cases:
+        proc = run_cli(*args, cwd=tmp_path, module="housing_reg.report", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"error: {what}") and proc.stderr.endswith(f"{way_out}\n")
+        assert len(proc.stderr.splitlines()) == 1
+    assert not (sweep / "summary.md").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_report_into_a_read_only_sweep_is_one_line(job: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    copy_job(job, sweep / "0_head=none")
+    sweep.chmod(0o555)
+    try:
+        proc = run_cli(str(sweep), cwd=tmp_path, module="housing_reg.report", check=False)
+    finally:
+        sweep.chmod(0o755)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert last_line(proc) == (
+        f"error: cannot write to {sweep} (Permission denied); "
+        "pass --out DIR to write the report elsewhere"
+    )
+
+
+def test_a_csv_without_the_target_is_predicted_row_by_row(job: Path, tmp_path: Path):
+    """The predict-only use of a trained model: every row's prediction, the same as with the
+    target column there; no truth, no MAE, and the output says so."""
+    data = boston_without("MEDV", tmp_path / "houses.csv")
+    proc = run_cli(
+        f"ckpt_path={job / CKPT}",
+        f"data.path={data}",
+        "output_dir=pred",
+        cwd=tmp_path,
+        module="housing_reg.evaluate",
+    )
+    assert f"{data}: predictions only (no MEDV column, no MAE) for 506 rows" in proc.stdout
+    assert f"wrote {tmp_path / 'pred'}/predictions.csv" in proc.stdout
+    with_target = evaluate(job / CKPT, str(BOSTON_CSV), tmp_path / "with_target")
+    pred = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
+    full = (tmp_path / "with_target" / "predictions.csv").read_text().splitlines()
+    assert pred[0] == "y_pred" and pred[1:] == [line.split(",")[1] for line in full[1:]]
+    m = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert m["rows"] == 506 and m["target"] == "MEDV" and m["predictions_only"] is True
+    assert not any("mae" in k or "mse" in k for k in m)
+    assert with_target["predictions_only"] is False and with_target["mae"] > 0
+
+
+def test_load_csv_reads_a_file_without_its_target_only_when_asked(tmp_path: Path):
+    data = boston_without("MEDV", tmp_path / "houses.csv")
+    with pytest.raises(DataError, match="target column 'MEDV' not found; set data.target"):
+        load_csv(data, "MEDV")
+    table = load_csv(data, "MEDV", need_target=False)
+    assert table.y is None and table.features == tuple(load_csv(None).features)
+    np.testing.assert_array_equal(table.x, load_csv(None).x)
+    with_target = load_csv(None, "MEDV", need_target=False)  # there: read as always
+    np.testing.assert_array_equal(with_target.y, load_csv(None).y)
