@@ -317,6 +317,8 @@ class RegressionData(Batches):
         target_label: str | None = None,
         target_unit: str | None = None,
         seeds: Sequence[int] = (0,),
+        delimiter: str = ",",
+        decimal: str = ".",
     ):
         """seeds: one shuffling order per model replica (model.replica_seeds)."""
         super().__init__()
@@ -337,7 +339,8 @@ class RegressionData(Batches):
             )
         csv_file, unit = ("", "") if path is not None else BUNDLED[name]
         source = BOSTON_CSV.with_name(csv_file) if path is None else path
-        table = load_csv(source, target, features)  # one-line errors for a bad path too
+        # one-line errors for a bad path too
+        table = load_csv(source, target, features, delimiter=delimiter, decimal=decimal)
         self.file = file_fingerprint(Path(source))  # recorded: resume and evaluate check it
         self.features, self.target = table.features, table.target
         self.dataset = name if path is None else Path(path).stem
