@@ -25,8 +25,8 @@ from housing_reg.train import train
 
 from conftest import FAST, read_metrics, run_cli
 
-# The same 12 rows three ways: as numbers, ','-separated with points, ';'-separated with
-# decimal commas as European spreadsheets export them; "side" is text, empty in one row.
+# 12 rows that table() writes in any dialect: numeric columns a, b, y and a text column
+# "side", empty in two rows.
 A = [0.5 * i for i in range(12)]
 B = [(i * 7) % 11 + 0.25 for i in range(12)]
 SIDE = ["north", "south", "", "north east", "west", "n/a"] * 2
@@ -193,17 +193,17 @@ def test_a_file_read_with_the_wrong_dialect_says_what_to_set(
 
 
 NONSENSE = [
-        (",", ",", "data.delimiter=',' is also data.decimal: a decimal comma needs another "
-         "delimiter; set data.delimiter=';'"),
-        (";;", ".", "data.delimiter=';;' must be one character"),
-        ("", ".", "data.delimiter='' must be one character"),
-        ('"', ".", "data.delimiter='\"' cannot be a quote, a line break or a control character"),
-        ("\n", ".", "data.delimiter='\\n' cannot be a quote, a line break"),
-        (".", ",", "data.delimiter='.' must be an ASCII character that is no part of a number"),
-        ("e", ".", "data.delimiter='e' must be an ASCII character that is no part of a number"),
-        ("§", ".", "data.delimiter='§' must be an ASCII character"),
-        (";", ";", "data.decimal=';' must be '.' or ','"),
-        (";", 1, "data.decimal=1 must be '.' or ','"),
+    (",", ",", "data.delimiter=',' is also data.decimal: a decimal comma needs another "
+     "delimiter; set data.delimiter=';'"),
+    (";;", ".", "data.delimiter=';;' must be one character"),
+    ("", ".", "data.delimiter='' must be one character"),
+    ('"', ".", "data.delimiter='\"' cannot be a quote, a line break or a control character"),
+    ("\n", ".", "data.delimiter='\\n' cannot be a quote, a line break"),
+    (".", ",", "data.delimiter='.' must be an ASCII character that is no part of a number"),
+    ("e", ".", "data.delimiter='e' must be an ASCII character that is no part of a number"),
+    ("§", ".", "data.delimiter='§' must be an ASCII character"),
+    (";", ";", "data.decimal=';' must be '.' or ','"),
+    (";", 1, "data.decimal=1 must be '.' or ','"),
 ]  # fmt: skip
 
 
