@@ -1,6 +1,7 @@
 """CSV loading speed and memory: housing_reg.csvfile.load_csv against np.loadtxt, in one run.
 
-    python scripts/bench_csv.py [--rows 1000000] [--repeats 3] [--exact] [--out bench_csv.json]
+    python scripts/bench_csv.py [--rows 1000000] [--repeats 3] [--exact] [--text-column]
+                                [--out bench_csv.json]
 
 Writes a numeric CSV (a header and --rows rows of 14 columns, ~112 bytes a row) to a temporary
 directory, then loads it in a fresh subprocess per measurement, so every method starts from the
@@ -16,7 +17,9 @@ Memory is in MB (10**6 bytes) and as a multiple of the file's size.
 
 Ratios are to np.loadtxt(path, delimiter=",", skiprows=1) in the same run. --exact adds
 load_csv with its fast path switched off: the exact, cell-by-cell path that finds the line and
-column of a bad cell, and that reads the files the fast path leaves to it.
+column of a bad cell, and that reads the files the fast path leaves to it. --text-column adds
+a 15th column of words that load_csv leaves out (data.features names the 13 others) and
+np.loadtxt skips with usecols.
 """
 
 from __future__ import annotations
@@ -37,16 +40,24 @@ COLUMNS = [f"X{i}" for i in range(13)] + ["MEDV"]
 METHODS = ("np.loadtxt", "load_csv", "load_csv exact path")
 
 
-def write_csv(path: Path, rows: int, seed: int = 0) -> None:
-    """rows x 14 values in [0, 1000) with 3 decimals, like '636.962' (8 bytes a cell)."""
+def write_csv(path: Path, rows: int, seed: int = 0, text: bool = False) -> None:
+    """rows x 14 values in [0, 1000) with 3 decimals, like '636.962' (8 bytes a cell); text:
+    and a last column of words, like 'north'."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    words = np.array(["north", "south", "east", "west"])
     with open(path, "w") as f:
-        f.write(",".join(COLUMNS) + "\n")
+        f.write(",".join(COLUMNS + ["side"] * text) + "\n")
         for start in range(0, rows, 100_000):
-            block = np.round(rng.uniform(0, 1000, (min(100_000, rows - start), 14)), 3)
-            np.savetxt(f, block, fmt="%.6g", delimiter=",")
+            n = min(100_000, rows - start)
+            block = np.round(rng.uniform(0, 1000, (n, 14)), 3)
+            if not text:
+                np.savetxt(f, block, fmt="%.6g", delimiter=",")
+                continue
+            cells = np.char.mod("%.6g", block)
+            side = words[rng.integers(0, len(words), n)][:, None]
+            np.savetxt(f, np.concatenate([cells, side], axis=1), fmt="%s", delimiter=",")
 
 
 def rss_mb() -> float:
@@ -71,10 +82,12 @@ def child(method: str, path: str, mode: str) -> dict:
 
     from housing_reg import csvfile
 
+    with open(path) as f:  # --text-column: the words are not for np.loadtxt
+        usecols = range(len(COLUMNS)) if f.readline().rstrip().endswith(",side") else None
     if method == "np.loadtxt":
 
         def load():
-            return np.loadtxt(path, delimiter=",", skiprows=1)
+            return np.loadtxt(path, delimiter=",", skiprows=1, usecols=usecols)
 
     else:
         if method == "load_csv exact path":
@@ -111,6 +124,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--exact", action="store_true", help="also time the exact (slow) path")
+    ap.add_argument("--text-column", action="store_true", help="add a column load_csv leaves out")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here too")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -120,7 +134,7 @@ def main() -> None:
     methods = list(METHODS if args.exact else METHODS[:2])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "bench.csv"
-        write_csv(path, args.rows)
+        write_csv(path, args.rows, text=args.text_column)
         size_mb = path.stat().st_size / 1e6
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for _ in range(args.repeats):  # interleaved, so drift hits every method alike
@@ -144,8 +158,9 @@ def main() -> None:
         }
         for m in methods
     }
+    columns = len(COLUMNS) + args.text_column
     print(
-        f"{args.rows} rows x {len(COLUMNS)} columns, {size_mb:.0f} MB; median of "
+        f"{args.rows} rows x {columns} columns, {size_mb:.0f} MB; median of "
         f"{args.repeats}; Python {platform.python_version()}, {os.cpu_count()} CPUs"
     )
     print(

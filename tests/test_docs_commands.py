@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from omegaconf import OmegaConf, open_dict
 
-from housing_reg.cli import register_launchers
+from housing_reg.cli import quote_paths, register_launchers
 from housing_reg.settings import check_config
 
 ROOT = Path(__file__).parents[1]
@@ -67,7 +67,8 @@ def test_the_docs_show_train_commands():
 
 @pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[c for _, c in COMMANDS])
 def test_each_shown_command_composes_and_passes_the_checks(where: str, command: str):
-    args = [a for a in shlex.split(command)[3:] if a != "-m"]
+    # as the shell passes them, quoted where `python -m housing_reg.train` quotes them
+    args = quote_paths([a for a in shlex.split(command)[3:] if a != "-m"])
     if args and args[0].startswith("--"):  # --help, --cfg job, --config-path: Hydra's own
         return
     for prefix, module in PLUGINS.items():

@@ -118,12 +118,15 @@ def stopped(reason: str) -> None:
 
 
 PATH_KEYS = ("ckpt_path", "data.path", "output_dir", "hydra.run.dir", "hydra.sweep.dir")
+CHAR_KEYS = ("data.delimiter", "data.decimal")
 
 
 def quote_paths(args: list[str]) -> list[str]:
     """Quote a path that holds '=' (every sweep job's directory does: 0_head=relu/...), which
     Hydra's override grammar would otherwise reject: ckpt_path=JOB/checkpoints/last.ckpt works
-    as typed. A value without '=' is left alone, so data.path=a.csv,b.csv still sweeps."""
+    as typed. A value without '=' is left alone, so data.path=a.csv,b.csv still sweeps.
+    Likewise a character for data.delimiter or data.decimal (';' and ',' are grammar to Hydra,
+    and the shell strips the quotes of data.delimiter=';'), and \\t for a tab."""
     out = []
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -131,6 +134,12 @@ def quote_paths(args: list[str]) -> list[str]:
             arg = (
                 f"{key}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'"
             )
+        elif (
+            sep
+            and key.lstrip("+") in CHAR_KEYS
+            and (value == "\\t" or (len(value) == 1 and value not in "'\"\\"))
+        ):
+            arg = f"{key}='{value}'"
         out.append(arg)
     return out
 

@@ -1,8 +1,10 @@
 """Read a numeric CSV with a header row into float64 arrays; every failure is one line.
 
-np.loadtxt parses any body that can hold nothing but numerals; the csv module reads the rest
+np.loadtxt parses any body it splits as the csv module would; the csv module reads the rest
 and names the first bad line and column. What neither does alone is here: the one-line
-messages, strict numerals (no nan, inf, 1_000 or hex), and which path a file takes.
+messages, strict numerals (no nan, inf, 1_000 or hex), decimal commas, hints for a file read
+with the wrong delimiter or decimal mark, and which path a file takes. Only the columns in use
+(the features and the target) are parsed: the others may hold anything.
 """
 
 from __future__ import annotations
@@ -50,9 +52,15 @@ _NON_FINITE = re.compile(r"[ \t]*[+-]?(?:nan|inf|infinity)[ \t]*", re.IGNORECASE
 # NUMERALs (no letters for nan or inf, no _, no other blanks), to the same correctly rounded
 # float64: so strings of these need no NUMERAL match, only a parse.
 _NUMERAL_BYTES = b"0123456789+-.eE \t"
-# A body of numerals, commas and line breaks: ASCII, so there is nothing to decode, and no
-# quote, so the csv module would split it where np.loadtxt does.
-_NUMERIC_BYTES = _NUMERAL_BYTES + b",\r\n"
+# What may stand in a body beside numerals for np.loadtxt to split it as the csv module does:
+# no quote, and no control character, which loadtxt would strip from a cell as blank ("\x0b1"
+# is 1 to it), NUMERAL not. (Bytes 0x85 and 0xA0, blank in latin-1, only follow a lead byte in
+# UTF-8, and the lead byte is a letter to loadtxt.) A lone \r, a line break to the csv module,
+# loadtxt refuses.
+_NOT_SPLIT_ALIKE = bytes([*range(9), 11, 12, *range(14, 32), 127]) + b'"'
+_SWAP_DECIMAL = bytes.maketrans(b",.", b".,")  # decimal commas to points, and points to commas
+_SWAP_DECIMAL_STR = str.maketrans(",.", ".,")
+_DELIMITERS = (",", ";", "\t", "|")  # what a header of one column is tried against
 _EOL = re.compile(rb"\r\n?|\n")  # a line break, for open(newline="") and the csv module
 _NOT_EOL = re.compile(rb"[^\r\n]")
 _BLOCK_ROWS = 4096  # rows the exact path converts at a time
@@ -64,23 +72,32 @@ def load_csv(
     features: Sequence[str] | None = None,
     allow_constant: bool = False,
     need_target: bool = True,
+    *,
+    delimiter: str = ",",
+    decimal: str = ".",
 ) -> Table:
     """Read a numeric CSV with a header row; every failure is a one-line DataError.
 
-    path None is the bundled Boston file. Every cell must be a numeral (see NUMERAL); messages
-    give the file's own line numbers, blank lines counted. Constant feature columns are refused
-    unless allow_constant (rows to predict on, not to fit a standardizer on): their standard
-    deviation is 0, and dividing by it is undefined. A file without the target column is
-    refused, unless need_target is False (rows to predict on only): then Table.y is None.
+    path None is the bundled Boston file. Every cell of the features and the target must be a
+    numeral (see NUMERAL) with `decimal` as its decimal mark; the cells of other columns are
+    not read. Messages give the file's own line numbers, blank lines counted. Constant feature
+    columns are refused unless allow_constant (rows to predict on, not to fit a standardizer
+    on): their standard deviation is 0, and dividing by it is undefined. A file without the
+    target column is refused, unless need_target is False (rows to predict on only): then
+    Table.y is None.
 
-    A body that can hold nothing but numerals is parsed by np.loadtxt (_fast_body); any other,
+    A body np.loadtxt splits as the csv module would is parsed by it (_fast_body); any other,
     and any that loadtxt refuses, is read by the csv module and checked cell by cell
     (_exact_body), which names the first bad line and column. The first problem in the file is
     the one reported: bytes that are not UTF-8, then the header, then the rows in order.
     """
+    delimiter = check_dialect(delimiter, decimal)
     path = _csv_path(path)
-    raw, odd = _read(path)
-    header, header_lines, body_start = _header(raw, path)
+    numeric = _NUMERAL_BYTES.replace(b".", decimal.encode()) + delimiter.encode() + b"\r\n"
+    raw, odd = _read(path, numeric)
+    header, header_lines, body_start = _header(raw, path, delimiter)
+    if len(header) == 1:
+        _one_column(raw, body_start, header[0], delimiter, decimal, path)
     if all(_is_number(h) for h in header):
         raise DataError(
             f"{path}: first row {','.join(header[:4])}... is numeric, not a "
@@ -115,21 +132,86 @@ def load_csv(
         raise DataError(
             f"{path}: data.features must name at least one column other than the target {target!r}"
         )
-    values = _fast_body(raw, odd, body_start, len(header))
+    used = [*features, target] if target in header else features
+    cols = sorted({header.index(c) for c in used})  # in use, in file order
+    values = _fast_body(
+        raw,
+        odd[len(raw[:body_start].translate(None, numeric)) :],
+        body_start,
+        len(header),
+        cols,
+        delimiter,
+        decimal,
+    )
     if values is not None and not np.isfinite(values).all():
         values = None  # a numeral beyond float64: the exact path names its line and column
     if values is None:
-        values = _exact_body(raw, body_start, header_lines, header, path)
+        values = _exact_body(raw, body_start, header_lines, header, cols, path, delimiter, decimal)
     del raw
-    x = _columns(values, [header.index(c) for c in features])
+    x = _columns(values, [cols.index(header.index(c)) for c in features])
     constant = [c for c, same in zip(features, _constant(x), strict=True) if same]
     if constant and not allow_constant:
         raise DataError(
             f"{path}: feature column(s) {', '.join(constant)} are constant and "
             "cannot be standardized; leave them out with data.features=[...]"
         )
-    y = values[:, header.index(target)] if target in header else None
+    y = values[:, cols.index(header.index(target))] if target in header else None
     return Table(x, y, tuple(features), target)
+
+
+def check_dialect(delimiter: object, decimal: object) -> str:
+    """The delimiter, or a DataError for settings the reader cannot use. The two characters
+    \\t mean a tab: Hydra's command line passes data.delimiter='\\t' so."""
+    if decimal not in (".", ","):
+        raise DataError(f"data.decimal={decimal!r} must be '.' or ',' (the mark before decimals)")
+    delimiter = "\t" if delimiter == "\\t" else delimiter
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
+        raise DataError(
+            f"data.delimiter={delimiter!r} must be one character, e.g. ',' or ';' (or '\\t')"
+        )
+    if delimiter == decimal:
+        raise DataError(
+            f"data.delimiter={delimiter!r} is also data.decimal: a decimal comma needs "
+            "another delimiter; set data.delimiter=';'"
+        )
+    if delimiter == '"' or (delimiter != "\t" and not delimiter.isprintable()):
+        raise DataError(
+            f"data.delimiter={delimiter!r} cannot be a quote, a line break or a control character; "
+            "set it to the character between the cells, e.g. ',' or ';'"
+        )
+    if not delimiter.isascii() or delimiter in "0123456789+-.eE":
+        raise DataError(
+            f"data.delimiter={delimiter!r} must be an ASCII character that is no part of a "
+            "number, e.g. ',' or ';'"
+        )
+    return delimiter
+
+
+def _one_column(
+    raw: bytes, start: int, name: str, delimiter: str, decimal: str, path: Path
+) -> None:
+    """A header of one column that another delimiter would split: the file's real delimiter,
+    named in a DataError (with the decimal comma its first row may show)."""
+    found = [d for d in _DELIMITERS if d != delimiter and d in name]
+    if not found:
+        return
+    d = max(found, key=name.count)
+    fix = f"data.delimiter={d!r}"
+    if d == decimal:  # a ','-separated file has decimal points
+        fix += " and data.decimal='.'"
+    elif decimal == "." and d != ",":
+        stream = io.BytesIO(raw)  # shares raw's bytes
+        stream.seek(start)
+        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        try:
+            row = next((r for r in csv.reader(text, delimiter=d) if "".join(r).strip()), [])
+        except csv.Error:
+            row = []
+        if any(_other_decimal(c, ".") for c in row):
+            fix += " and data.decimal=','"
+    raise DataError(
+        f"{path}: the header is one column, {name!r}, and looks {d!r}-separated; set {fix}"
+    )
 
 
 def _is_number(s: str) -> bool:
@@ -155,9 +237,10 @@ def _csv_path(path: str | os.PathLike | None) -> Path:
     return Path(path)
 
 
-def _read(path: Path) -> tuple[bytes, bytes]:
+def _read(path: Path, numeric: bytes) -> tuple[bytes, bytes]:
     """The file's bytes, all of them checked to be UTF-8 before anything is made of them; and
-    those of them that are not _NUMERIC_BYTES, in order."""
+    those of them that are not `numeric` (what numerals and their separators are made of), in
+    order."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -166,7 +249,7 @@ def _read(path: Path) -> tuple[bytes, bytes]:
         raise DataError(
             f"{path}: cannot read file ({e}); set data.path to a readable UTF-8 CSV"
         ) from None
-    odd = raw.translate(None, _NUMERIC_BYTES)
+    odd = raw.translate(None, numeric)
     if not odd.isascii():
         decoder, view, step = codecs.getincrementaldecoder("utf-8")(), memoryview(raw), 1 << 20
         try:
@@ -180,11 +263,12 @@ def _read(path: Path) -> tuple[bytes, bytes]:
     return raw, odd
 
 
-def _header(raw: bytes, path: Path) -> tuple[list[str], int, int]:
+def _header(raw: bytes, path: Path, delimiter: str) -> tuple[list[str], int, int]:
     """The first record with something in it, its cells stripped; the number of lines up to
     its end, and the byte offset after it."""
     # utf-8-sig: spreadsheet exports often start with a byte-order mark
-    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""))
+    text = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline="")
+    reader = csv.reader(text, delimiter=delimiter)
     try:
         row = next((r for r in reader if "".join(r).strip()), None)
     except csv.Error as e:
@@ -200,37 +284,63 @@ def _header(raw: bytes, path: Path) -> tuple[list[str], int, int]:
     return [h.strip() for h in row], reader.line_num, start
 
 
-def _fast_body(raw: bytes, odd: bytes, start: int, ncols: int) -> np.ndarray | None:
-    """The rows from byte `start` on, parsed by np.loadtxt; None where the csv module and
-    NUMERAL might not agree with it, for the exact path to decide.
+def _fast_body(
+    raw: bytes,
+    odd: bytes,
+    start: int,
+    ncols: int,
+    cols: list[int],
+    delimiter: str,
+    decimal: str,
+) -> np.ndarray | None:
+    """Columns `cols` of the rows from byte `start` on, parsed by np.loadtxt; None where the
+    csv module and NUMERAL might not agree with it, for the exact path to decide.
 
-    Taken only where every byte is a digit, sign, point, e or E, space, tab, comma or line
-    break: then the csv module splits rows and cells where loadtxt does, and the cells loadtxt
-    takes are exactly the NUMERALs, parsed to the same correctly rounded float64 as float().
-    Whatever loadtxt refuses goes to the exact path: a bad cell, a row of spaces (blank to the
-    csv module), a lone \\r line break, a row of the wrong length.
+    odd: the bytes from `start` on that are no digit, sign, decimal mark, e, E, space, tab,
+    delimiter or line break. With every column in use, taken only where there are none: then
+    the csv module splits rows and cells where loadtxt does, and the cells loadtxt takes are
+    exactly the NUMERALs, parsed to the same correctly rounded float64 as float(). With columns
+    left out (they may hold text), taken where odd holds nothing of _NOT_SPLIT_ALIKE: the two
+    still split alike, and of a cell in use loadtxt takes what NUMERAL takes or a word for nan
+    or inf, which load_csv's finiteness check sends to the exact path. Whatever loadtxt refuses
+    goes to the exact path: a bad cell, a row of spaces (blank to the csv module), a lone \\r
+    line break, a row of the wrong length.
     """
-    if len(odd) != len(raw[:start].translate(None, _NUMERIC_BYTES)):
-        return None  # odd bytes after the header
+    every = len(cols) == ncols
+    if odd and (every or len(odd.translate(None, _NOT_SPLIT_ALIKE)) != len(odd)):
+        return None  # no numeral where every column is in use, or a quote or control byte
     if not _NOT_EOL.search(raw, start):
         return None  # no rows at all
     if _has_long_line(raw, start, csv.field_size_limit()):
         return None  # it may hold a field longer than the csv module takes
-    stream = io.BytesIO(raw)  # shares raw's bytes
+    # BytesIO shares raw's bytes; decimal commas cost a copy with points in their place
+    stream = io.BytesIO(raw if decimal == "." else raw.translate(_SWAP_DECIMAL))
     stream.seek(start)
+    last = ncols - 1  # read too when not in use: loadtxt then reaches every row's end (below)
+    usecols = None if every else sorted({*cols, last})
     try:
         values = np.loadtxt(
             stream,
             dtype=np.float64,
-            delimiter=",",
+            delimiter=delimiter,
             comments=None,
             quotechar=None,
             ndmin=2,
             encoding="latin-1",
+            usecols=usecols,
+            converters=None if every or last in cols else {last: len},  # any number
         )
     except ValueError:
         return None
-    return values if values.shape[1] == ncols and len(values) else None
+    if not len(values) or values.shape[1] != len(usecols or range(ncols)):
+        return None
+    if usecols is not None:
+        # loadtxt checks the rows' lengths only without usecols. Each row has a last field,
+        # so ncols - 1 delimiters or more: if all rows have that many in all, each has ncols.
+        if raw.count(delimiter.encode(), start) != len(values) * last:
+            return None
+        values = values[:, : len(cols)]
+    return values
 
 
 def _has_long_line(raw: bytes, start: int, limit: int) -> bool:
@@ -251,9 +361,19 @@ def _has_long_line(raw: bytes, start: int, limit: int) -> bool:
     return max(longest, len(u) - 1 - last) > limit
 
 
-def _exact_body(raw: bytes, start: int, line0: int, header: list[str], path: Path) -> np.ndarray:
-    """The rows from byte `start` on (line line0 + 1), read by the csv module and checked
-    cell by cell; the first bad row or cell is a DataError naming its line (and column).
+def _exact_body(
+    raw: bytes,
+    start: int,
+    line0: int,
+    header: list[str],
+    cols: list[int],
+    path: Path,
+    delimiter: str,
+    decimal: str,
+) -> np.ndarray:
+    """Columns `cols` of the rows from byte `start` on (line line0 + 1), read by the csv
+    module and checked cell by cell; the first bad row or cell is a DataError naming its line
+    (and column). Cells of other columns are not looked at.
 
     Rows go in blocks: a block whose cells hold nothing but _NUMERAL_BYTES goes through float()
     at once, and only a block that has a bad cell is gone through again, cell by cell, to find
@@ -261,72 +381,101 @@ def _exact_body(raw: bytes, start: int, line0: int, header: list[str], path: Pat
     """
     stream = io.BytesIO(raw)
     stream.seek(start)
-    reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
-    ncols = len(header)
+    reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8", newline=""), delimiter=delimiter)
+    ncols, every = len(header), len(cols) == len(header)
+    names = [header[j] for j in cols]
     blocks: list[np.ndarray] = []
     rows: list[list[str]] = []
     lines: list[int] = []
+
+    def block() -> np.ndarray:
+        return _block(rows, lines, names, path, delimiter, decimal)
+
     try:
         for row in reader:
             if not "".join(row).strip():
                 continue  # blank lines carry nothing
             line = line0 + reader.line_num
             if len(row) != ncols:
-                _block(rows, lines, header, path)  # a bad cell above this row comes first
+                block()  # a bad cell above this row comes first
                 raise DataError(
                     f"{path}, line {line}: {len(row)} fields but the header has "
                     f"{ncols}; make every row as long as the header"
                 )
-            rows.append(row)
+            rows.append(row if every else [row[j] for j in cols])
             lines.append(line)
             if len(rows) == _BLOCK_ROWS:
-                blocks.append(_block(rows, lines, header, path))
+                blocks.append(block())
                 rows, lines = [], []
     except csv.Error as e:
-        _block(rows, lines, header, path)
+        block()
         raise DataError(
             f"{path}, line {line0 + reader.line_num}: not a valid CSV ({e}); fix the file"
         ) from None
-    blocks.append(_block(rows, lines, header, path))
+    blocks.append(block())
     values = np.concatenate(blocks)
     if not len(values):
         raise DataError(f"{path}: header but no data rows; add numeric rows")
     return values
 
 
-def _block(rows: list[list[str]], lines: list[int], header: list[str], path: Path) -> np.ndarray:
-    """Rows as long as the header -> (rows, columns) float64, or the first bad cell's
-    DataError."""
+def _block(
+    rows: list[list[str]],
+    lines: list[int],
+    names: list[str],
+    path: Path,
+    delimiter: str,
+    decimal: str,
+) -> np.ndarray:
+    """Rows of cells of the columns `names` -> (rows, columns) float64, or the first bad
+    cell's DataError."""
     if not rows:
-        return np.empty((0, len(header)))
+        return np.empty((0, len(names)))
     cells = [c for row in rows for c in row]
     joined = "".join(cells)
-    if joined.isascii() and not joined.encode().translate(None, _NUMERAL_BYTES):
+    at_once = True
+    if decimal != ".":  # a point is no decimal mark then: only cells without one go at once
+        at_once = "." not in joined
+        cells = [c.replace(decimal, ".") for c in cells]
+        joined = joined.replace(decimal, ".")
+    if at_once and joined.isascii() and not joined.encode().translate(None, _NUMERAL_BYTES):
         try:
             values = np.fromiter(map(float, cells), np.float64, len(cells))
         except ValueError:  # not a numeral, as "", "1e" or "+-1"
             pass
         else:
             if np.isfinite(values).all():
-                return values.reshape(len(rows), len(header))
+                return values.reshape(len(rows), len(names))
     for row, line in zip(rows, lines, strict=True):
-        for name, cell in zip(header, row, strict=True):
-            problem = _cell_problem(cell)
+        for name, cell in zip(names, row, strict=True):
+            problem = _cell_problem(cell, decimal, delimiter)
             if problem:
                 raise DataError(f"{path}, line {line}, column {name!r}: {problem}")
     raise AssertionError("a block of good cells was refused")  # unreachable
 
 
-def _cell_problem(cell: str) -> str | None:
-    """What is wrong with a cell, or None for a finite NUMERAL."""
+def _cell_problem(cell: str, decimal: str = ".", delimiter: str = ",") -> str | None:
+    """What is wrong with a cell, or None for a finite NUMERAL with `decimal` as its mark."""
     if not cell.strip():
         return "empty cell; fill it in or remove that row"
-    if _NUMERAL.fullmatch(cell):
-        if math.isfinite(float(cell)):
+    number = cell if decimal == "." else cell.translate(_SWAP_DECIMAL_STR)
+    if _NUMERAL.fullmatch(number):
+        if math.isfinite(float(number)):
             return None
     elif not _NON_FINITE.fullmatch(cell):
+        other = _other_decimal(cell, decimal)
+        if other and delimiter != other:  # a decimal comma in a ','-separated file: no fix
+            mark = "comma" if other == "," else "point"
+            return f"{cell!r} uses a decimal {mark}; set data.decimal={other!r}"
         return f"{cell!r} is not a number; fix or remove that row"
     return f"{cell!r} is not a finite number; fill in or remove that row"
+
+
+def _other_decimal(cell: str, decimal: str) -> str | None:
+    """The other decimal mark, where the cell is a numeral with it (and not without)."""
+    other = "," if decimal == "." else "."
+    with_point = cell.translate(_SWAP_DECIMAL_STR) if other == "," else cell
+    return other if other in cell and _NUMERAL.fullmatch(with_point) else None
 
 
 def _constant(x: np.ndarray) -> np.ndarray:

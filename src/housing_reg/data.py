@@ -334,6 +334,8 @@ class RegressionData(Batches):
         target_label: str | None = None,
         target_unit: str | None = None,
         seeds: Sequence[int] = (0,),
+        delimiter: str = ",",
+        decimal: str = ".",
     ):
         """seeds: one shuffling order per model replica (model.replica_seeds)."""
         super().__init__()
@@ -359,6 +361,7 @@ class RegressionData(Batches):
         self.eval_batch_size = eval_batch_size
         self.target_scaling, self.target_range = target_scaling, target_range
         self.name, self.label, self.unit = name, target_label, target_unit
+        self.delimiter, self.decimal = delimiter, decimal
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "splits"):
@@ -366,7 +369,14 @@ class RegressionData(Batches):
         path, name = self.path, self.name
         csv_file, unit = ("", "") if path is not None else BUNDLED[name]
         source = BOSTON_CSV.with_name(csv_file) if path is None else path
-        table = load_csv(source, self.target, self.wanted_features)  # one-line errors
+        # one-line errors for a bad path too
+        table = load_csv(
+            source,
+            self.target,
+            self.wanted_features,
+            delimiter=self.delimiter,
+            decimal=self.decimal,
+        )
         self.file = file_fingerprint(Path(source))  # recorded: resume and evaluate check it
         self.features, self.target = table.features, table.target
         self.dataset = name if path is None else Path(path).stem

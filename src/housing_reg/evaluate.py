@@ -37,10 +37,16 @@ TAKEN = (*RESULTS, "failure.json", ".hydra")
 
 
 def evaluate(
-    ckpt_path: str | Path, data_path: str | None = None, output_dir: str | Path | None = None
+    ckpt_path: str | Path,
+    data_path: str | None = None,
+    output_dir: str | Path | None = None,
+    delimiter: str | None = None,
+    decimal: str | None = None,
 ) -> dict[str, Any]:
     """Predict with the checkpoint's model and write the results into a directory of their
-    own (see output_path); returns metrics.json's contents and that directory."""
+    own (see output_path); returns metrics.json's contents and that directory. delimiter,
+    decimal: data_path's, where they differ from those of the file the job trained on (its
+    recorded data.delimiter and data.decimal)."""
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt.get("callbacks", {}).get(JobRecorder.__qualname__, {}).get("config")
@@ -49,6 +55,11 @@ def evaluate(
     model = load_model(ckpt, create(OmegaConf.create(config["head"]["activation"])))
     target = config["data"]["target"]
     rows = config["data"].get("eval_batch_size", 4096)  # rows per chunk, as in training
+    if data_path is None and (delimiter, decimal) != (None, None):
+        raise ConfigError(
+            "data.delimiter and data.decimal describe the CSV of data.path=...; the job's own "
+            "test split is read as it was in training"
+        )
 
     true: torch.Tensor | None
     if data_path is None:  # the job's own split, rebuilt exactly as in training
@@ -70,7 +81,14 @@ def evaluate(
         pred, true = model.predict(x, rows), model.unscale(y).squeeze(-1)
         name, source = "test_split", f"test split of {config['data']['path'] or 'the bundled data'}"
     else:  # every row; without the target column, predictions only
-        table = load_csv(data_path, target, model.hparams.features, True, need_target=False)
+        trained = {"delimiter": ",", "decimal": "."} | config["data"]  # older jobs lack them
+        dialect = {
+            "delimiter": trained["delimiter"] if delimiter is None else delimiter,
+            "decimal": trained["decimal"] if decimal is None else decimal,
+        }
+        table = load_csv(
+            data_path, target, model.hparams.features, True, need_target=False, **dialect
+        )
         x = model.scale_inputs(torch.from_numpy(table.x))
         beyond = [
             f for f, ok in zip(table.features, torch.isfinite(x).all(0), strict=True) if not ok
@@ -193,7 +211,8 @@ def load_model(ckpt: dict[str, Any], head: torch.nn.Module) -> Regressor:
 @hydra.main(version_base="1.3", config_path="pkg://housing_reg.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
-        m = evaluate(cfg.ckpt_path, cfg.data.path, cfg.output_dir)
+        d = cfg.data
+        m = evaluate(cfg.ckpt_path, d.path, cfg.output_dir, d.delimiter, d.decimal)
     except MissingMandatoryValue:
         sys.exit("error: ckpt_path=... is required, e.g. ckpt_path=JOB/checkpoints/last.ckpt")
     except USER_ERRORS as e:

@@ -337,6 +337,11 @@ def training_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The config minus what may change between a run and its resumption: how long to train,
     where output goes, how it is shown and how the job was (re)started."""
     settings = {k: v for k, v in config.items() if not is_bookkeeping(k)}
+    if isinstance(settings.get("data"), dict):  # a file read as ever: older jobs lack these
+        defaults = {"delimiter": ",", "decimal": "."}
+        settings["data"] = {
+            k: v for k, v in settings["data"].items() if k not in defaults or v != defaults[k]
+        }
     if isinstance(settings.get("head"), dict):  # head.range describes the head, and older
         settings["head"] = {k: v for k, v in settings["head"].items() if k != "range"}  # lack it
     trainer = config.get("trainer", {})

@@ -49,8 +49,15 @@ SHOWN = ("test/mae", "train/mae", "val/mae")
 # Config keys a job repeats over, or that do not change its numbers: never a group.
 # (Bookkeeping keys, jobdir.BOOKKEEPING, are never settings either.)
 REPEATS = {"seed", "data.seed", "data.fold", "data.replicas", "model.replicas", "threads"}
-# How a job names its data: folded into the one setting "data" (the data set's name).
-DATA_NAMING = ("data.name", "data.path", "data.target_label", "data.target_unit")
+# How a job names and reads its data: folded into the one setting "data" (the data set's name).
+DATA_NAMING = (
+    "data.name",
+    "data.path",
+    "data.target_label",
+    "data.target_unit",
+    "data.delimiter",
+    "data.decimal",
+)
 STUCK = 0.2  # a group is "stuck" when this share of its predictions sits at one value
 FIGURES = ("answer.png", "mae_by_head.png", "pred_vs_true.png", "curves.png")
 MORE_SEEDS = "run more seeds (seed='range(10)' or model.replicas=10)"

@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from housing_reg.csvfile import check_dialect
 from housing_reg.data import DataError, check_settings
 from housing_reg.jobdir import RecordError
 
@@ -121,6 +122,7 @@ def check_config(cfg: DictConfig) -> None:
             d.target_scaling,
             d.target_range,
         )
+        check_dialect(d.get("delimiter", ","), d.get("decimal", "."))
     except DataError as e:
         raise ConfigError(str(e)) from None
 
