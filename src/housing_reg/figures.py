@@ -26,6 +26,8 @@ DPI = 100
 MIN_SIZE = (8.0, 4.5)  # inches: 800 x 450 px at DPI
 STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+# Points drawn in one predicted-vs-true panel: more look the same, and a million take seconds.
+MAX_POINTS = 20_000
 
 
 def range_text(lo: float | None, hi: float | None) -> str:
@@ -168,6 +170,8 @@ def draw_pred_vs_true(ax, y_true: np.ndarray, y_pred: np.ndarray, title: str, co
     """Predictions of one or more runs (rows of y_pred) against the true targets."""
     y_pred = np.atleast_2d(y_pred)
     x = np.broadcast_to(y_true, y_pred.shape)  # one test set for all runs, or one per run
+    every = math.ceil(y_pred.size / MAX_POINTS)  # evenly spaced rows, the same for each run
+    x, y_pred = x[:, ::every], y_pred[:, ::every]
     ax.scatter(
         x.ravel(),
         y_pred.ravel(),

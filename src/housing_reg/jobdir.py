@@ -113,7 +113,9 @@ class JobState:
         """Per replica: seed, final metrics, test predictions and per-epoch curves."""
         with open(self.path / "replicas.csv", newline="") as f:
             rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-        arrays = np.load(self.path / "replicas.npz")
+        with np.load(self.path / "replicas.npz") as npz:
+            # Each npz[key] reads and parses the whole array again: read each one once.
+            arrays = {k: npz[k] for k in ("test_pred", "train_mae", "val_mae") if k in npz}
         for r, row in enumerate(rows):
             row["seed"] = int(row["seed"])
             row["test_pred"] = arrays["test_pred"][r]
