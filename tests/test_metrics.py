@@ -1,4 +1,5 @@
-"""Metrics through torchmetrics, streamed: evaluation in chunks of data.eval_batch_size rows
+"""Metrics through torchmetrics, streamed: training gathers one block at a time, evaluation
+comes in chunks of data.eval_batch_size rows
 gives the one-batch numbers (exactly when a split fits in one chunk, to float summation order
 otherwise), and the data module does its work in setup(), as Lightning intends."""
 
@@ -71,3 +72,20 @@ def test_the_model_measures_with_torchmetrics_objects_one_output_per_replica(mak
     }
     assert all(isinstance(m, Metric) for m in model.metrics.values())
     assert not any(k.startswith("metrics.") for k in model.state_dict())  # not checkpointed
+
+
+def test_an_epoch_is_gathered_one_block_at_a_time_and_serves_every_row_once():
+    """Every replica's rows for a whole epoch at once, (R, N, F), do not fit at a million rows
+    and a hundred replicas: each block's tensors hold that block's rows only."""
+    data = set_up(batch_size=5, steps_per_block=4, seeds=[0, 1, 2])
+    rows_per_block = 5 * 4
+    seen = []
+    for block in data.train_dataloader():
+        x, y = block[0]
+        held = x.untyped_storage().nbytes() // (x.element_size() * x.shape[-1])
+        assert held <= 3 * rows_per_block  # three replicas' rows of this block, no more
+        seen.append(torch.cat([y for _, y in block], dim=1))
+    order = torch.cat(seen, dim=1).squeeze(-1)  # (replicas, 404): each a permutation
+    train_y = data.splits["train"][1].squeeze(-1)
+    for r in range(3):
+        assert sorted(order[r].tolist()) == sorted(train_y.tolist())
