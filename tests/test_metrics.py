@@ -1,7 +1,7 @@
-"""Metrics through torchmetrics, streamed: training gathers one block at a time, evaluation
-comes in chunks of data.eval_batch_size rows
-gives the one-batch numbers (exactly when a split fits in one chunk, to float summation order
-otherwise), and the data module does its work in setup(), as Lightning intends."""
+"""Metrics through torchmetrics, streamed: training gathers one block at a time; evaluation
+in chunks of data.eval_batch_size rows gives the one-batch numbers (exactly when a split fits
+in one chunk, to float summation order otherwise); the data module does its work in setup(),
+as Lightning intends."""
 
 from __future__ import annotations
 
