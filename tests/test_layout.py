@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -83,3 +85,10 @@ def test_directory_names_leave_out_only_bookkeeping_keys():
     config = yaml.safe_load((CONF / "config.yaml").read_text())
     excluded = config["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]
     assert excluded and all(is_bookkeeping(k) for k in excluded), excluded
+
+
+def test_the_report_imports_neither_torch_nor_lightning():
+    """The report reads files: importing Lightning (seconds) would be most of its time."""
+    code = "import sys, housing_reg.report; print(sorted({'torch', 'lightning'} & {*sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

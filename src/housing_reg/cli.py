@@ -27,8 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg.jobdir import find_jobs, is_bookkeeping, read_state, write_failure
-from housing_reg.record import short_names
+from housing_reg.jobdir import find_jobs, is_bookkeeping, read_state, short_names, write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
 from hydra_plugins.housing_reg_launcher import ForkLauncher, fused
 

@@ -22,7 +22,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,3 +189,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: not a housing_reg checkpoint (torch.load raised {type(e).__name__}); "
             f"point ckpt_path at a job's {CHECKPOINT}"
         ) from None
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """What a table (the sweep's summary, the report's) calls each setting: head.name -> head,
+    optim.lr -> lr, optim._target_ -> optim, hydra/launcher -> launcher; the full key where
+    two short names would collide."""
+
+    def short(k: str) -> str:
+        if k == "head.name":
+            return "head"
+        if k.endswith("._target_"):
+            return k.rsplit(".", 2)[-2]
+        return k.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+
+    names = [short(k) for k in keys]
+    return {k: n if names.count(n) == 1 else k for k, n in zip(keys, names, strict=True)}

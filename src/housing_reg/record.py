@@ -13,7 +13,6 @@ import csv
 import io
 import platform
 import time
-from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -447,19 +446,3 @@ def write_replicas(
             np.savez(f, **arrays)
 
     write_atomic(out / "replicas.npz", save)
-
-
-def short_names(keys: Sequence[str]) -> dict[str, str]:
-    """What a table (the sweep's summary, the report's) calls each setting: head.name -> head,
-    optim.lr -> lr, optim._target_ -> optim, hydra/launcher -> launcher; the full key where
-    two short names would collide."""
-
-    def short(k: str) -> str:
-        if k == "head.name":
-            return "head"
-        if k.endswith("._target_"):
-            return k.rsplit(".", 2)[-2]
-        return k.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
-
-    names = [short(k) for k in keys]
-    return {k: n if names.count(n) == 1 else k for k, n in zip(keys, names, strict=True)}

@@ -34,8 +34,7 @@ from housing_reg.figures import (
     settings_order,
     units,
 )
-from housing_reg.jobdir import find_jobs, is_bookkeeping, read_state
-from housing_reg.record import short_names
+from housing_reg.jobdir import find_jobs, is_bookkeeping, read_state, short_names
 from housing_reg.stats import (  # noqa: F401 (t_quantile, t_two_sided: part of this API)
     NO_CI,
     Difference,
