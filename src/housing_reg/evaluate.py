@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: `python -m housing_reg.evaluate ckpt_path=JOB/checkpoints/last.ckpt`.
+"""Evaluate a checkpoint: `python -m housing_reg.evaluate ckpt_path=JOB/checkpoints/result.ckpt`.
 
 The checkpoint carries everything needed: the settings it was trained with (data, split,
 head), its input and target scalers and its feature names. On the job's own test split it
@@ -69,7 +69,7 @@ def evaluate(
         true = torch.from_numpy(table.y).float()
         name, source = Path(data_path).stem, str(data_path)
 
-    job = ckpt_path.resolve().parent.parent  # JOB/checkpoints/last.ckpt
+    job = ckpt_path.resolve().parent.parent  # JOB/checkpoints/result.ckpt
     out = Path(output_dir) if output_dir else job / "evaluate" / name
     out.mkdir(parents=True, exist_ok=True)
     per_replica = {"mae": mae(pred, true.expand_as(pred)), "mse": mse(pred, true.expand_as(pred))}
@@ -101,7 +101,7 @@ def main(cfg: DictConfig) -> None:
     try:
         m = evaluate(cfg.ckpt_path, cfg.data.path, cfg.output_dir)
     except MissingMandatoryValue:
-        sys.exit("error: ckpt_path=... is required, e.g. ckpt_path=JOB/checkpoints/last.ckpt")
+        sys.exit("error: ckpt_path=... is required, e.g. ckpt_path=JOB/checkpoints/result.ckpt")
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
     print(f"{m['data']}: mae {m['mae']:.4f}, mse {m['mse']:.4f} on {m['rows']} rows")

@@ -121,6 +121,7 @@ def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
         recorders.append(
             JobRecorder(resolved(job.cfg), job.data, logger, slice(start, start + n), hparams)
         )
+        recorders[-1].checkpoint = job.resume_from  # the model as it stands before training
         start += n
     resume_from = [j.resume_from for j in jobs]
     trainer_cfg, checkpoints = trainer_settings(first)
