@@ -30,6 +30,13 @@ class InterruptAt(L.Callback):
             ctrl_c()
 
 
+class InterruptAtSetup(L.Callback):
+    """Ctrl-C while Lightning sets the fit up: before anything of it is recorded."""
+
+    def setup(self, trainer: L.Trainer, model: L.LightningModule, stage: str) -> None:
+        ctrl_c()
+
+
 class StopAt(L.Callback):
     """Stops training once `epochs` epochs are done, as an early-stopping callback would."""
 

@@ -1,12 +1,18 @@
-"""Guards around a job: the checkpoint behind a finished result kept when a retry moves on.
-Each runs for real, mostly through the CLI."""
+"""Guards around a job: Ctrl-C while it starts, and the checkpoint behind a finished result
+kept when a retry moves on. Each runs for real, mostly through the CLI."""
 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from housing_reg.evaluate import evaluate
@@ -27,6 +33,64 @@ def only_line(stderr: str) -> str:
     return lines[0]
 
 
+# -- Ctrl-C while a job starts ---------------------------------------------------------------
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "housing_reg.train", QUIET, "trainer.max_epochs=50", *args],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **CTRL_C},
+    )
+
+
+def wait_for(proc: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert proc.poll() is None, f"ended before {what}: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} in 120 s"
+        time.sleep(0.005)
+
+
+def loading_torch(pid: int) -> bool:
+    """The process has begun to load torch's library: Python's start is over."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+def test_ctrl_c_while_a_job_starts_is_one_line_and_leaves_no_job_dir(tmp_path: Path):
+    """Ctrl-C while torch is imported, just as Hydra has made the job directory, once it has
+    written .hydra/, and in Lightning's set-up: each time one line, exit status 130, and no
+    job directory left behind (a directory with only .hydra/ reads as a job killed mid-run)."""
+    outputs = lambda cwd: [p for p in (cwd / "outputs").glob("*/*")]  # noqa: E731
+    moments = {
+        "importing torch": lambda proc, cwd: loading_torch(proc.pid),
+        "job dir made": lambda proc, cwd: bool(outputs(cwd)),
+        ".hydra written": lambda proc, cwd: any((p / ".hydra").is_dir() for p in outputs(cwd)),
+    }
+    for moment, ready in moments.items():
+        cwd = tmp_path / moment.replace(" ", "_")
+        cwd.mkdir()
+        proc = start(cwd)
+        wait_for(proc, lambda proc=proc, cwd=cwd, ready=ready: ready(proc, cwd), moment)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130, (moment, err[-3000:])
+        assert only_line(err) == "error: interrupted before training started; nothing recorded"
+        assert outputs(cwd) == [], moment
+    cwd = tmp_path / "lightning"
+    cwd.mkdir()
+    proc = start(cwd, "+callbacks.interrupt._target_=interrupt.InterruptAtSetup")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert only_line(err) == "error: interrupted before training started; nothing recorded"
+    assert outputs(cwd) == []
+
+
 # -- the checkpoint behind a result ----------------------------------------------------------
 def epochs_in(ckpt: Path) -> int:
     """Whole epochs a checkpoint holds (its recorder's history)."""
@@ -40,7 +104,8 @@ def test_an_interrupted_retry_keeps_the_result_its_checkpoint_and_settings_toget
     """A job trains 2 epochs; resumed with trainer.max_epochs=1000 it is interrupted after 5.
     metrics.json still describes 2 epochs, checkpoints/result.ckpt is still the model behind
     it (evaluate reproduces its test MAE exactly), last.ckpt is the epoch-5 resume point, and
-    the report names the interrupted retry."""
+    the report names the interrupted retry. A Ctrl-C while a third try starts changes
+    nothing."""
     job = tmp_path / "job"
     run_cli(QUIET, BATCH, "trainer.max_epochs=2", f"hydra.run.dir={job}", cwd=tmp_path)
     metrics = (job / "metrics.json").read_bytes()
@@ -78,6 +143,20 @@ def test_an_interrupted_retry_keeps_the_result_its_checkpoint_and_settings_toget
     assert runs == 1 and f"- job: {state.note}" in md.split("## Notes")[1]
     with open(tmp_path / "report" / "summary.csv", newline="") as f:
         assert [r["note"] for r in csv.DictReader(f)] == [state.note]
+
+    before = {p: p.read_bytes() for p in job.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    proc = start(
+        tmp_path,
+        BATCH,
+        "trainer.max_epochs=1000",
+        "resume=true",
+        "+callbacks.interrupt._target_=interrupt.InterruptAtSetup",
+        f"hydra.run.dir={job}",
+    )
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and only_line(err).endswith("nothing recorded")
+    after = {p: p.read_bytes() for p in job.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert after == before
 
 
 def test_a_run_stopped_between_checkpoints_saves_the_model_it_tested(tmp_path: Path):

@@ -185,6 +185,7 @@ class FitRecorder(Checkpoint):
     def __init__(self, jobs: list[JobRecorder], checkpoint_every: int = 1):
         self.jobs = jobs
         self.checkpoint_every = checkpoint_every
+        self.started = False  # whether the fit has recorded anything (train.fit, on Ctrl-C)
         self._start = 0.0
 
     @property
@@ -200,6 +201,7 @@ class FitRecorder(Checkpoint):
             job.load_state_dict(saved)
 
     def on_fit_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        self.started = True
         self._start = time.perf_counter()
         for job in self.jobs:
             if job.logger is not None:
