@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg import cli, fuse, startup
+from housing_reg import cli, fuse, memory, startup
 from housing_reg.data import FitData, RegressionData
 from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
 from housing_reg.model import Heads, Regressor, replica_seeds
@@ -52,8 +52,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseException]:
     """Each job's metrics.json contents, or the error that failed it. Jobs that can share a
     fit (fuse.py) train as its replicas, each with the numbers of its lone run; a job's bad
-    settings fail it before any training starts. Ctrl-C raises cli.Interrupted
-    (cli.NotStarted before any training), which carries the outcomes so far."""
+    settings, or a fit too large for memory (memory.py), fail it before any training starts.
+    Ctrl-C raises cli.Interrupted (cli.NotStarted before any training), which carries the
+    outcomes so far."""
     outcomes: list[dict[str, Any] | BaseException | None] = [None] * len(cfgs)
     ready = []
     try:
@@ -66,14 +67,23 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
                 else:
                     ready.append(prepare(i, cfg))
             except Exception as e:  # reported now, before any job of the group trains
-                log.error("job %s will not train: %s", Path(str(cfg.output_dir)).name, e)
+                refused(cfgs, cfg, e)
                 outcomes[i] = e
+        cap = max(cfgs[0].fuse.max_replicas, 1) if cfgs else 1
+        fits = []
+        for jobs in fuse.groups(ready, fit_key, lambda j: j.cfg.model.replicas, cap):
+            try:  # each job alone fits (prepare): does the fit of them all?
+                if len(jobs) > 1:
+                    memory.check([j.cfg for j in jobs], [shapes(j.data) for j in jobs])
+                fits.append(jobs)
+            except ConfigError as e:
+                for job in jobs:
+                    refused(cfgs, job.cfg, e)
+                    outcomes[job.index] = e
     except KeyboardInterrupt:
         stop = cli.NotStarted()
         stop.outcomes = outcomes  # the jobs refused so far are settled
         raise stop from None
-    cap = max(cfgs[0].fuse.max_replicas, 1) if cfgs else 1
-    fits = fuse.groups(ready, fit_key, lambda j: j.cfg.model.replicas, cap)
     for n, jobs in enumerate(fits, 1):
         try:
             try:
@@ -95,13 +105,27 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
     return outcomes
 
 
+def refused(cfgs: Sequence[DictConfig], cfg: DictConfig, e: Exception) -> None:
+    """A job of a group that will not train is logged as it is found; a lone job's error is
+    cli.py's one line alone."""
+    if len(cfgs) > 1:
+        log.error("job %s will not train: %s", Path(str(cfg.output_dir)).name, e)
+
+
 def prepare(index: int, cfg: DictConfig) -> Prepared:
+    """A job's settings checked, its data read, its memory estimated; nothing built yet."""
     check_config(cfg)
     check_not_replacing(cfg)
     data: RegressionData = create(cfg.data, seeds=replica_seeds(cfg.seed, cfg.model.replicas))
+    memory.check([cfg], [shapes(data)])
     head = create(cfg.head.activation)
     resume_from, progress = checkpoint_to_resume(cfg, data.file)
     return Prepared(index, cfg, data, head, resume_from, progress)
+
+
+def shapes(data: RegressionData) -> dict[str, tuple[int, ...]]:
+    """Each split's x shape, for memory.check."""
+    return {name: tuple(x.shape) for name, (x, _) in data.splits.items()}
 
 
 def fit_key(job: Prepared) -> tuple:
