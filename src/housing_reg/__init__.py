@@ -1,6 +1,12 @@
 """housing_reg: why sigmoid and tanh output heads fail on regression, as a reproducible sweep."""
 
-from importlib.metadata import PackageNotFoundError, version
+# First: `python -m housing_reg.train` then imports torch and Lightning for seconds, and a
+# Ctrl-C there is one line (startup.py).
+from housing_reg import startup
+
+startup.guard_command()
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 try:
     __version__ = version("housing_reg")

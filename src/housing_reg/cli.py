@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import shlex
+import signal
 import sys
 import threading
 import warnings
@@ -27,6 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from housing_reg import startup
 from housing_reg.jobdir import find_jobs, is_bookkeeping, read_state, short_names, write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
 from hydra_plugins.housing_reg_launcher import ForkLauncher, fused
@@ -41,10 +43,19 @@ class Interrupted(RuntimeError):
     outcomes: list[Any] | None = None
 
 
+class NotStarted(Interrupted):
+    """Ctrl-C before any training started (reading data, building the model, Lightning's
+    set-up): nothing of the job was recorded, and nothing of its start is kept."""
+
+    def __init__(self) -> None:
+        super().__init__(startup.NOT_STARTED)
+
+
 def start(main: Callable[[], Any]) -> None:
     """`python -m housing_reg.train`: a one-line check of group choices, then Hydra's app."""
     sys.argv[1:] = quote_paths(sys.argv[1:])
     register_launchers()
+    startup.set_describe(describe_ctrl_c)
     try:
         check_choices(sys.argv[1:])
         check_output_dirs(sys.argv[1:])
@@ -58,6 +69,8 @@ def start(main: Callable[[], Any]) -> None:
     try:
         main()
         sys.stdout.flush()
+    except KeyboardInterrupt:  # outside a job's start and training (startup.py)
+        interrupted_outside_jobs()
     except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
@@ -148,6 +161,7 @@ def check_output_dirs(args: list[str]) -> None:
     for arg in args:
         key, _, value = arg.partition("=")
         if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            startup.named_on_command_line(Path(value))
             try:
                 Path(value).mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -161,12 +175,20 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     """Run one job: a failure is recorded beside the job's files and, in a sweep, logged so
     the sweep goes on (its summary lists it); alone, it exits non-zero with one line."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    Job.started = True
+    startup.starting([cfg.output_dir])
+    startup.guard()  # until training starts, Ctrl-C stops at once (startup.py)
     quiet_known_warnings()
     # The job's log file sits in the job dir: on a full disk, a failed write to it must not
     # print a stack trace (the error line still reaches the console).
     logging.raiseExceptions = False
     try:
-        metrics = train(cfg)
+        try:
+            metrics = train(cfg)
+        except KeyboardInterrupt:  # where train() had not got as far as its own handling
+            raise NotStarted() from None
+    except NotStarted:
+        not_started([cfg], multirun)
     except Interrupted as e:  # stops a sweep too: Ctrl-C means stop
         record_failure(cfg, "interrupted", e)
         sys.exit(f"error: {e}; to continue, {resume_hint(cfg, multirun)}")
@@ -194,10 +216,21 @@ def run_jobs(
 ) -> list[float | None]:
     """A fused sweep's task: run_job's policy for each of its jobs. A failed job is recorded
     and logged, the others go on; Ctrl-C records every unfinished job as interrupted."""
+    Job.started = True
+    startup.starting([cfg.output_dir for cfg in cfgs])
+    startup.guard()
     quiet_known_warnings()
     logging.raiseExceptions = False
     try:
-        outcomes = train_jobs(cfgs)
+        try:
+            outcomes = train_jobs(cfgs)
+        except KeyboardInterrupt:
+            raise NotStarted() from None
+    except NotStarted as e:
+        for cfg, outcome in zip(cfgs, e.outcomes or [None] * len(cfgs), strict=True):
+            if isinstance(outcome, BaseException):  # refused before the Ctrl-C: settled
+                record_failure(cfg, "failed", outcome)
+        not_started(cfgs, True)
     except Interrupted as e:
         for cfg, outcome in zip(cfgs, e.outcomes or [None] * len(cfgs), strict=True):
             if outcome is None:
@@ -220,6 +253,50 @@ def run_jobs(
         else:
             values.append(objective(outcome))
     return values
+
+
+class Job:
+    started = False  # whether a job's task has begun in this process (run_job, run_jobs)
+
+
+def not_started(cfgs: list[DictConfig], multirun: bool) -> None:
+    """Ctrl-C before training started, seen as an exception (startup.py's handler stops the
+    process first wherever it can): the same line, exit status and clean-up as there."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+    for cfg in cfgs:
+        startup.discard(Path(str(cfg.output_dir)))
+    line = startup.NOT_STARTED
+    if multirun:
+        line += f"; to continue, {resume_hint(cfgs[0], True)}"
+    if Sweep.active is not None:
+        unlock(Sweep.active)
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(startup.EXIT_STATUS)
+
+
+def describe_ctrl_c() -> str:
+    """The line startup.py's handler prints: in a sweep, how to finish it (its lock freed)."""
+    if Sweep.active is None:
+        return startup.NOT_STARTED
+    unlock(Sweep.active)
+    return f"{startup.NOT_STARTED}; to continue, rerun the sweep with {resume_sweep()}"
+
+
+def resume_sweep() -> str:
+    return f"resume=true hydra.sweep.dir={Sweep.active}"
+
+
+def interrupted_outside_jobs() -> None:
+    """Ctrl-C outside a job's start and training: between a sweep's jobs, in the parallel
+    launcher's wait, after a job ended. One line and exit status 130."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    startup.discard_all()
+    line = "interrupted" if Job.started else startup.NOT_STARTED
+    if Sweep.active is not None:
+        unlock(Sweep.active)
+        line = f"interrupted; to continue, rerun the sweep with {resume_sweep()}"
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(startup.EXIT_STATUS)
 
 
 def quiet_known_warnings() -> None:
@@ -342,6 +419,9 @@ class Sweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         lock(Path(config.hydra.sweep.dir))
         Sweep.active = Path(config.hydra.sweep.dir)
+        # Ctrl-C stops a job at once only while that job starts (run_job, run_jobs): a
+        # parallel sweep's own process must stop its workers, which a KeyboardInterrupt does.
+        startup.release()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir, Sweep.active = Path(config.hydra.sweep.dir), None

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: `python -m housing_reg.evaluate ckpt_path=JOB/checkpoints/last.ckpt`.
+"""Evaluate a checkpoint: `python -m housing_reg.evaluate ckpt_path=JOB/checkpoints/result.ckpt`.
 
 The checkpoint carries everything needed: the settings it was trained with (data, split,
 head), its input and target scalers and its feature names. On the job's own test split it
@@ -214,7 +214,7 @@ def main(cfg: DictConfig) -> None:
         d = cfg.data
         m = evaluate(cfg.ckpt_path, d.path, cfg.output_dir, d.delimiter, d.decimal)
     except MissingMandatoryValue:
-        sys.exit("error: ckpt_path=... is required, e.g. ckpt_path=JOB/checkpoints/last.ckpt")
+        sys.exit("error: ckpt_path=... is required, e.g. ckpt_path=JOB/checkpoints/result.ckpt")
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
     if m["predictions_only"]:

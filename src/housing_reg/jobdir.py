@@ -9,11 +9,14 @@ A job directory holds, once the job has finished:
     predictions.csv    y_true and y_pred (the replicas' mean) for every test row
     replicas.csv       one row per replica (its seed and final metrics)
     replicas.npz       per replica: test predictions and per-epoch curves
-    checkpoints/last.ckpt, TensorBoard events (scalars, HPARAMS, a pred-vs-true image)
+    checkpoints/result.ckpt  the model metrics.json describes (what evaluate reads)
+    checkpoints/last.ckpt    the latest whole epoch, where resume=true continues
+    TensorBoard events (scalars, HPARAMS, a pred-vs-true image)
     evaluate/          once evaluated: one directory per evaluation (evaluate.py writes them)
-and failure.json instead of (or beside) metrics.json when a run failed: a failed retry never
-overwrites a good result. Every file is written to a temporary name in the job directory and
-renamed into place, so a reader never sees half a file and a full disk leaves no debris.
+and failure.json instead of (or beside) metrics.json when a run failed: a failed or
+interrupted retry never overwrites a good result, nor the checkpoint behind it. Every file is
+written to a temporary name in the job directory and renamed into place, so a reader never
+sees half a file and a full disk leaves no debris.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +34,10 @@ from typing import Any
 import numpy as np
 
 METRICS = ("train/mae", "val/mae", "test/mae", "test/mse")
-CHECKPOINT = Path("checkpoints") / "last.ckpt"
+CHECKPOINT = Path("checkpoints") / "last.ckpt"  # the resume point: rewritten every epoch
+# The model behind metrics.json: written as the job finishes, just before metrics.json, and
+# kept when a later retry (resume=true trainer.max_epochs=...) moves last.ckpt on.
+RESULT_CHECKPOINT = Path("checkpoints") / "result.ckpt"
 
 
 class RecordError(ValueError):
@@ -73,6 +80,21 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_copy(path: Path, source: Path) -> None:
+    """path holds source's bytes, atomically: a hard link where the file system allows one
+    (no second copy on disk), else a copy. A link stays these bytes: every file here is
+    replaced by renaming a new one over it, never rewritten in place."""
+
+    def link(tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    write_atomic(path, link)
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -148,8 +170,9 @@ def read_state(path: Path) -> JobState:
         if not isinstance(m, dict) or m.get("status") != "ok":
             return JobState(path, "broken", "metrics.json is unreadable or not a finished run")
         note = ""
-        if isinstance(failure, dict):
-            note = f"a later retry failed ({failure.get('error')}); the earlier result stands"
+        if isinstance(failure, dict):  # failed, or interrupted (whose last.ckpt moved on)
+            how = "was interrupted" if failure.get("status") == "interrupted" else "failed"
+            note = f"a later retry {how} ({failure.get('error')}); the earlier result stands"
         return JobState(path, "ok", metrics=m, note=note)
     if isinstance(failure, dict):
         status = str(failure.get("status", "failed"))

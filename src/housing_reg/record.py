@@ -27,9 +27,11 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from housing_reg.jobdir import (
     CHECKPOINT,
     METRICS,
+    RESULT_CHECKPOINT,
     is_bookkeeping,
     load_checkpoint,
     write_atomic,
+    write_copy,
     write_json,
     write_text,
 )
@@ -60,6 +62,9 @@ class JobRecorder:
         self.fit_seconds: list[float] = []  # one entry per fit session; a resumed job has two+
         self.metrics: dict[str, Any] = {}  # metrics.json's contents, once the job has tested
         self.error: BaseException | None = None
+        # The checkpoint file that holds the model as it stands (FitRecorder keeps it up to
+        # date): what it resumed from, then its last.ckpt; None once it trained past a save.
+        self.checkpoint: Path | None = None
 
     # -- state carried by checkpoints ----------------------------------------------------------
     def state_dict(self, elapsed: float) -> dict[str, Any]:
@@ -116,6 +121,8 @@ class JobRecorder:
             log_pred_vs_true(self.logger, step, self.config, self.data, true, pred)
         write_predictions(self.dir / "predictions.csv", pred, true)
         write_replicas(self.dir, self.seeds, per_replica, pred, self.history)
+        if self.checkpoint is not None:  # the tested model's, before the metrics that name it
+            write_copy(self.dir / RESULT_CHECKPOINT, self.checkpoint)
         write_json(self.dir / "metrics.json", metrics)
         (self.dir / "failure.json").unlink(missing_ok=True)  # an earlier failure, now retried
         self.metrics = metrics
@@ -169,12 +176,15 @@ class FitRecorder(Checkpoint):
     A Checkpoint, so Lightning calls it after the model's own epoch-end hook: the epoch's
     results exist. A job whose replicas diverged fails alone (its `error`), before anything of
     it is saved; the fit stops early only when no job is left. Checkpoints go through
-    JobCheckpoints, which writes each job's share as that job's own checkpoint.
+    JobCheckpoints, which writes each job's share as that job's own checkpoint. The fit's last
+    epoch is always saved (unless checkpoint_every=0), so that each job's result.ckpt, written
+    with its metrics, is the very model they describe.
     """
 
     def __init__(self, jobs: list[JobRecorder], checkpoint_every: int = 1):
         self.jobs = jobs
         self.checkpoint_every = checkpoint_every
+        self.started = False  # whether the fit has recorded anything (train.fit, on Ctrl-C)
         self._start = 0.0
 
     @property
@@ -190,6 +200,7 @@ class FitRecorder(Checkpoint):
             job.load_state_dict(saved)
 
     def on_fit_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        self.started = True
         self._start = time.perf_counter()
         for job in self.jobs:
             if job.logger is not None:
@@ -215,7 +226,20 @@ class FitRecorder(Checkpoint):
             return
         every = self.checkpoint_every
         if every and (done % every == 0 or done == trainer.max_epochs):
-            trainer.save_checkpoint(self.live[0].dir / CHECKPOINT, weights_only=False)
+            self.save(trainer)
+        else:
+            for job in self.live:
+                job.checkpoint = None  # trained past its last save
+
+    def on_train_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        """Stopped before max_epochs (a callback's early stop) between saves: save now."""
+        if self.checkpoint_every and self.live and any(j.checkpoint is None for j in self.live):
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.live[0].dir / CHECKPOINT, weights_only=False)
+        for job in self.live:  # a job whose write failed is no longer live
+            job.checkpoint = job.dir / CHECKPOINT
 
     def on_test_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
         for job in self.live:

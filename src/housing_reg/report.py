@@ -59,6 +59,7 @@ DATA_NAMING = (
 )
 STUCK = 0.2  # a group is "stuck" when this share of its predictions sits at one value
 FIGURES = ("answer.png", "mae_by_head.png", "pred_vs_true.png", "curves.png")
+DUPLICATE = "duplicate, counted once"
 MORE_SEEDS = "run more seeds (seed='range(10)' or model.replicas=10)"
 
 
@@ -113,6 +114,7 @@ class JobRuns:
     settings: dict[str, Any] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
     target: Target | None = None
+    note: str = ""  # jobdir.JobState.note: a later retry failed or was interrupted
 
 
 def read_runs(path: Path, root: Path) -> JobRuns:
@@ -154,7 +156,7 @@ def read_runs(path: Path, root: Path) -> JobRuns:
         return JobRuns(path, "broken", f"missing {Path(e.filename).name}")
     except Exception as e:  # whatever is wrong with one job is reported, never fatal
         return JobRuns(path, "broken", f"unreadable ({type(e).__name__}: {e})".replace("\n", " "))
-    return JobRuns(path, "ok", settings=settings, runs=runs, target=target)
+    return JobRuns(path, "ok", settings=settings, runs=runs, target=target, note=job.note)
 
 
 def head_range_of(config: dict[str, Any]) -> tuple[float | None, float | None] | None:
@@ -584,7 +586,7 @@ def summary_rows(jobs: list[JobRuns], root: Path, sweep: Comparison) -> list[dic
                 | {"fold": r.fold, "seed": r.seed}
                 | {k.replace("/", "_"): r.metrics.get(k, "") for k in (*SHOWN, "test/mse")}
                 | {"epochs": len(r.curves.get("train/mae", []))}
-                | {"note": "duplicate, counted once" if r.duplicate else ""}
+                | {"note": "; ".join(n for n in (j.note, r.duplicate and DUPLICATE) if n)}
             )
     return rows
 
@@ -675,6 +677,10 @@ def report(root: Path, out: Path | None = None) -> tuple[str, int]:
     if left_out:
         text += ["", "## Left out", ""]
         text += [f"- {summary_name(j.path, root)}: {j.status}: {j.reason}" for j in left_out]
+    noted = [j for j in jobs if j.note]
+    if noted:
+        text += ["", "## Notes", ""]
+        text += [f"- {summary_name(j.path, root)}: {j.note}" for j in noted]
     md = "\n".join(text) + "\n"
     try:
         out.mkdir(parents=True, exist_ok=True)

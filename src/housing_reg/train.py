@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg import cli, fuse
+from housing_reg import cli, fuse, memory, startup
 from housing_reg.data import FitData, RegressionData
 from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
 from housing_reg.model import Heads, Regressor, replica_seeds
@@ -52,47 +52,81 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseException]:
     """Each job's metrics.json contents, or the error that failed it. Jobs that can share a
     fit (fuse.py) train as its replicas, each with the numbers of its lone run; a job's bad
-    settings fail it before any training starts. Ctrl-C raises cli.Interrupted, which carries
-    the outcomes so far."""
+    settings, or a fit too large for memory (memory.py), fail it before any training starts.
+    Ctrl-C raises cli.Interrupted (cli.NotStarted before any training), which carries the
+    outcomes so far."""
     outcomes: list[dict[str, Any] | BaseException | None] = [None] * len(cfgs)
     ready = []
-    for i, cfg in enumerate(cfgs):
-        try:
-            finished = already_finished(cfg)
-            if finished is not None:
-                log.info("resume=true: %s already finished; not rerun", cfg.output_dir)
-                outcomes[i] = finished
-            else:
-                ready.append(prepare(i, cfg))
-        except Exception as e:  # reported now, before any job of the group trains
-            log.error("job %s will not train: %s", Path(str(cfg.output_dir)).name, e)
-            outcomes[i] = e
-    cap = max(cfgs[0].fuse.max_replicas, 1) if cfgs else 1
-    fits = fuse.groups(ready, fit_key, lambda j: j.cfg.model.replicas, cap)
+    try:
+        for i, cfg in enumerate(cfgs):
+            try:
+                finished = already_finished(cfg)
+                if finished is not None:
+                    log.info("resume=true: %s already finished; not rerun", cfg.output_dir)
+                    outcomes[i] = finished
+                else:
+                    ready.append(prepare(i, cfg))
+            except Exception as e:  # reported now, before any job of the group trains
+                refused(cfgs, cfg, e)
+                outcomes[i] = e
+        cap = max(cfgs[0].fuse.max_replicas, 1) if cfgs else 1
+        fits = []
+        for jobs in fuse.groups(ready, fit_key, lambda j: j.cfg.model.replicas, cap):
+            try:  # each job alone fits (prepare): does the fit of them all?
+                if len(jobs) > 1:
+                    memory.check([j.cfg for j in jobs], [shapes(j.data) for j in jobs])
+                fits.append(jobs)
+            except ConfigError as e:
+                for job in jobs:
+                    refused(cfgs, job.cfg, e)
+                    outcomes[job.index] = e
+    except KeyboardInterrupt:
+        stop = cli.NotStarted()
+        stop.outcomes = outcomes  # the jobs refused so far are settled
+        raise stop from None
     for n, jobs in enumerate(fits, 1):
-        if len(cfgs) > 1:
-            models = sum(j.cfg.model.replicas for j in jobs)
-            log.info("fit %d of %d: %d jobs, %d models", n, len(fits), len(jobs), models)
         try:
-            for job, outcome in zip(jobs, fit(jobs), strict=True):
-                outcomes[job.index] = outcome
+            try:
+                if len(cfgs) > 1:
+                    models = sum(j.cfg.model.replicas for j in jobs)
+                    log.info("fit %d of %d: %d jobs, %d models", n, len(fits), len(jobs), models)
+                for job, outcome in zip(jobs, fit(jobs), strict=True):
+                    outcomes[job.index] = outcome
+            except KeyboardInterrupt:  # between fits
+                raise cli.NotStarted() from None
         except cli.Interrupted as e:
+            if isinstance(e, cli.NotStarted) and n > 1:  # earlier fits trained: not nothing
+                e = cli.Interrupted(f"interrupted before fit {n} of {len(fits)} started")
             e.outcomes = outcomes
-            raise
+            raise e from None
         except Exception as e:  # a bug: every job of this fit fails, the other fits go on
             for job in jobs:
                 outcomes[job.index] = e
     return outcomes
 
 
+def refused(cfgs: Sequence[DictConfig], cfg: DictConfig, e: Exception) -> None:
+    """A job of a group that will not train is logged as it is found; a lone job's error is
+    cli.py's one line alone."""
+    if len(cfgs) > 1:
+        log.error("job %s will not train: %s", Path(str(cfg.output_dir)).name, e)
+
+
 def prepare(index: int, cfg: DictConfig) -> Prepared:
+    """A job's settings checked, its data read, its memory estimated; nothing built yet."""
     check_config(cfg)
     check_not_replacing(cfg)
     data: RegressionData = create(cfg.data, seeds=replica_seeds(cfg.seed, cfg.model.replicas))
     data.setup("fit")  # now, not in trainer.fit: every job's data is checked before any trains
+    memory.check([cfg], [shapes(data)])
     head = create(cfg.head.activation)
     resume_from, progress = checkpoint_to_resume(cfg, data.file)
     return Prepared(index, cfg, data, head, resume_from, progress)
+
+
+def shapes(data: RegressionData) -> dict[str, tuple[int, ...]]:
+    """Each split's x shape, for memory.check."""
+    return {name: tuple(x.shape) for name, (x, _) in data.splits.items()}
 
 
 def fit_key(job: Prepared) -> tuple:
@@ -107,7 +141,8 @@ def fit_key(job: Prepared) -> tuple:
 
 
 def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
-    """Train and test jobs as the replicas of one fit."""
+    """Train and test jobs as the replicas of one fit. Ctrl-C raises cli.NotStarted until the
+    fit's first record (its jobs' TensorBoard hyperparameters), cli.Interrupted after it."""
     first = jobs[0].cfg
     torch.set_num_threads(first.threads)  # 64-wide matmuls: threads cost more than they give
     L.seed_everything(first.seed, verbose=False)
@@ -122,14 +157,16 @@ def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
         recorders.append(
             JobRecorder(resolved(job.cfg), job.data, logger, slice(start, start + n), hparams)
         )
+        recorders[-1].checkpoint = job.resume_from  # the model as it stands before training
         start += n
     resume_from = [j.resume_from for j in jobs]
     trainer_cfg, checkpoints = trainer_settings(first)
+    recorder = FitRecorder(recorders, first.checkpoint_every if checkpoints else 0)
     trainer: L.Trainer = create(
         trainer_cfg,
         logger=False,  # each job logs to its own TensorBoard run (JobRecorder)
         callbacks=[
-            FitRecorder(recorders, first.checkpoint_every if checkpoints else 0),
+            recorder,
             *(create(c) for c in first.callbacks.values() if c is not None),
         ],
         plugins=[
@@ -138,6 +175,7 @@ def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
         ],
         limit_val_batches=1.0 if data.has_validation else 0,  # 0: no validation loop at all
     )
+    startup.release()  # from here a Ctrl-C is Lightning's to handle: a graceful stop
     try:
         try:
             trainer.fit(
@@ -146,18 +184,20 @@ def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
                 ckpt_path=resume_from[0] if resume_from[0] else None,
                 weights_only=True,
             )
-        except SystemExit:  # Lightning's graceful stop on Ctrl-C / SIGTERM
-            if not trainer.interrupted:
+            if any(r.error is None for r in recorders):
+                trainer.test(model, datamodule=data, verbose=False)
+        except (SystemExit, KeyboardInterrupt) as e:  # SystemExit: Lightning's graceful stop
+            if isinstance(e, SystemExit) and not trainer.interrupted:  # on Ctrl-C / SIGTERM
                 raise
+            if not recorder.started:
+                raise cli.NotStarted() from None
             done = len(recorders[0].history["train/mae"])
             raise cli.Interrupted(
                 f"interrupted with {done} of {first.trainer.max_epochs} epochs done"
             ) from None
-        if any(r.error is None for r in recorders):
-            trainer.test(model, datamodule=data, verbose=False)
     finally:
-        for r in recorders:
-            r.close()
+        for r in recorders if recorder.started else []:  # else nothing to close: finalizing
+            r.close()  # an unused logger would write an empty run into the job directory
     outcomes = {j.index: r.error or r.metrics for j, r in zip(jobs, recorders, strict=True)}
     return [outcomes[j.index] for j in sorted(jobs, key=lambda j: j.index)]
 

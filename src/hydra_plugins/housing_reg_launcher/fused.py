@@ -29,7 +29,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from housing_reg import fuse
+from housing_reg import fuse, startup
 from hydra_plugins.housing_reg_launcher.slurm import NoResult, record_lost_job
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ def run_group(path: str, run: Callable[[list[DictConfig]], list[Any]]) -> dict[i
     config, hydra config and overrides; its train.log), then run(configs) on the jobs'
     resolved configs; returns {job number: value}."""
     group: list[DictConfig] = pickle.loads(Path(path).read_bytes())
+    startup.starting(job.hydra.runtime.output_dir for job in group)  # a Ctrl-C now: discarded
     configs, handlers = [], []
     root = logging.getLogger()
     try:
