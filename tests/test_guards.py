@@ -43,6 +43,7 @@ def cfg(*overrides: str):
 def fit_of(*overrides: str) -> memory.Fit:
     c = cfg(*overrides)
     data = RegressionData(seeds=[0])
+    data.setup("fit")
     return memory.fit_of([c], [{k: tuple(x.shape) for k, (x, _) in data.splits.items()}])
 
 

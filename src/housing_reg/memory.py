@@ -7,8 +7,9 @@ its jobs), in float32:
   parameters        every layer's weights and biases, stacked along the replica axis
   gradients         one per parameter (zeroed in place, never freed)
   optimizer state   per parameter, as many buffers as the optimizer keeps (OPTIMIZER_BUFFERS)
-  training          one epoch's rows gathered in each replica's order, the int64 orders, the
-                    epoch's predictions kept for train/mae, and the peak of one optimizer step:
+  training          each replica's int32 order of the rows, one block of mini-batches gathered
+                    at a time, the predictions kept until data.eval_batch_size rows are fed to
+                    the metrics, and the peak of one optimizer step:
                     its activations, their gradients and the largest layer's gradient and
                     optimizer temporaries; R=1 runs a detached twin (model.py), so twice
   evaluation        an evaluation chunk (data.eval_batch_size rows, else a whole split) through
@@ -39,7 +40,7 @@ from omegaconf import DictConfig
 
 from housing_reg.settings import ConfigError
 
-F32, I64 = 4, 8
+F32, I32 = 4, 4  # bytes of a float32, of an int32 row index
 ENV = "HOUSING_REG_MEMORY_LIMIT"  # a size (8G, 512M, bytes) or "off"; see available()
 CGROUP_V2 = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1 = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -72,6 +73,7 @@ class Fit:
     jobs: int  # jobs in the fit: more than one stacks the rows per replica
     rows: Mapping[str, int]  # rows per split: train, val, test
     batch_size: int
+    steps_per_block: int  # mini-batches gathered at a time
     eval_batch_size: int | None  # rows per evaluation chunk; None: a whole split
     buffers: int  # optimizer_buffers
     checkpoints: bool
@@ -93,10 +95,15 @@ class Fit:
         step += (twin + r) * largest * F32  # a twin's gradient is the twin's size
         if r == 1:
             step += 2 * per_model * F32  # the twin's stacked weights, saved for backward
-        gather = r * n_train * (self.features + 1) * F32 + 2 * r * n_train * I64
-        kept = r * n_train * F32  # the epoch's predictions, for train/mae
-        epoch_end = 6 * r * n_train * F32  # concatenated, in target units, differences
-        training = gather + kept + max(step, epoch_end)
+        # An epoch: each replica's order of the rows (int32), one block of mini-batches
+        # gathered at a time (data.EpochBatches), and the predictions and targets kept until
+        # at least eval_batch_size rows are fed to the metrics (Regressor.training_step).
+        block = min(b * self.steps_per_block, n_train)
+        gather = r * n_train * I32 + r * block * (self.features + 1) * F32
+        pending = min(n_train, (self.eval_batch_size or n_train) + block)
+        kept = 2 * r * pending * F32
+        metrics = 6 * r * pending * F32  # concatenated, in target units, differences
+        training = gather + kept + max(step, metrics)
         evals = [n for name, n in self.rows.items() if name != "train" and n]
         if evals:
             chunk = max(min(self.eval_batch_size or n, n) for n in evals)
@@ -138,6 +145,7 @@ def fit_of(cfgs: Sequence[DictConfig], splits: Sequence[Mapping[str, tuple[int, 
         jobs=len(cfgs),
         rows=rows,
         batch_size=int(first.data.batch_size),
+        steps_per_block=int(first.data.get("steps_per_block", 16)),
         eval_batch_size=first.data.get("eval_batch_size"),
         buffers=optimizer_buffers(first.optim),
         checkpoints=bool(checkpoints),
