@@ -55,6 +55,7 @@ def estimate(overrides: list[str]) -> int:
     with initialize_config_module("housing_reg.conf", version_base="1.3"):
         cfg = compose("config", overrides=["output_dir=unused", *overrides])
     data = create(cfg.data, seeds=[0])
+    data.setup("fit")
     shapes = {k: tuple(x.shape) for k, (x, _) in data.splits.items()}
     return memory.fit_of([cfg], [shapes]).needed()
 
