@@ -7,13 +7,16 @@ its jobs), in float32:
   parameters        every layer's weights and biases, stacked along the replica axis
   gradients         one per parameter (zeroed in place, never freed)
   optimizer state   per parameter, as many buffers as the optimizer keeps (OPTIMIZER_BUFFERS)
-  training          each replica's int32 order of the rows, one block of mini-batches gathered
-                    at a time, the predictions kept until data.eval_batch_size rows are fed to
-                    the metrics, and the peak of one optimizer step:
-                    its activations, their gradients and the largest layer's gradient and
+  training          each replica's order of the epoch's rows, a block of data.steps_per_block
+                    mini-batches gathered (and the next, fetched ahead), the predictions that
+                    wait for the train metrics (data.eval_batch_size rows at a time, else the
+                    epoch's) with the metrics' update, and the peak of one optimizer step: its
+                    activations, their gradients and the largest layer's gradient and
                     optimizer temporaries; R=1 runs a detached twin (model.py), so twice
-  evaluation        an evaluation chunk (data.eval_batch_size rows, else a whole split) through
-                    the network without gradients, and the predictions and targets kept
+  evaluation        a chunk of data.eval_batch_size rows (else a whole split) through the
+                    network without gradients, its outputs and metric updates, and the test
+                    predictions kept for predictions.csv (or, in validation, the training
+                    predictions still waiting)
   checkpoint        a checkpoint (parameters and optimizer state) serialized in memory
                     (record.to_bytes, with io.BytesIO's slack), or loaded to resume
   initialization    a layer's random draws for one replica (model.StackedMLP), twice
@@ -40,7 +43,7 @@ from omegaconf import DictConfig
 
 from housing_reg.settings import ConfigError
 
-F32, I32 = 4, 4  # bytes of a float32, of an int32 row index
+F32 = 4  # bytes of a float32
 ENV = "HOUSING_REG_MEMORY_LIMIT"  # a size (8G, 512M, bytes) or "off"; see available()
 CGROUP_V2 = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1 = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -95,21 +98,23 @@ class Fit:
         step += (twin + r) * largest * F32  # a twin's gradient is the twin's size
         if r == 1:
             step += 2 * per_model * F32  # the twin's stacked weights, saved for backward
-        # An epoch: each replica's order of the rows (int32), one block of mini-batches
-        # gathered at a time (data.EpochBatches), and the predictions and targets kept until
-        # at least eval_batch_size rows are fed to the metrics (Regressor.training_step).
+        index = 4 if n_train < 2**31 else 8  # data.EpochBatches' int32 orders
+        order = 2 * r * n_train * index  # each replica's permutation, then stacked
         block = min(b * self.steps_per_block, n_train)
-        gather = r * n_train * I32 + r * block * (self.features + 1) * F32
-        pending = min(n_train, (self.eval_batch_size or n_train) + block)
-        kept = 2 * r * pending * F32
-        metrics = 6 * r * pending * F32  # concatenated, in target units, differences
-        training = gather + kept + max(step, metrics)
+        blocks = 2 * r * block * (self.features + 1) * F32  # gathered, and the next fetched
+        waiting = n_train if self.eval_batch_size is None else self.eval_batch_size + block
+        waiting = min(waiting, n_train)
+        kept = 2 * r * waiting * F32  # predictions, and the blocks of targets they hold on to
+        update = 6 * r * waiting * F32  # concatenated, in target units, differences
+        training = order + blocks + kept + max(step, update)
         evals = [n for name, n in self.rows.items() if name != "train" and n]
         if evals:
             chunk = max(min(self.eval_batch_size or n, n) for n in evals)
             widest = max(a + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
             forward = twin * chunk * max(widest, 2 * max(sizes[1:])) * F32
-            evaluation = forward + 6 * r * max(evals) * F32 + kept  # outputs; the epoch's too
+            outputs = 4 * r * chunk * F32  # predictions, targets, metric temporaries
+            test = 4 * r * self.rows.get("test", 0) * F32  # kept, then concatenated
+            evaluation = forward + outputs + max(test, kept)
         else:
             evaluation = 0
         data = 0
