@@ -14,7 +14,6 @@ from hypothesis.extra.numpy import arrays
 
 from housing_reg.data import (
     TARGET_SCALINGS,
-    RegressionData,
     fold_split,
     keras_split,
     load_csv,
@@ -23,7 +22,7 @@ from housing_reg.data import (
 from housing_reg.model import Regressor
 from housing_reg.train import train
 
-from conftest import FAST
+from conftest import FAST, set_up
 
 targets = arrays(np.float64, st.integers(1, 40), elements=st.floats(-1e3, 1e3))
 ranges = st.tuples(st.floats(-5, 5), st.floats(0.1, 10)).map(lambda t: (t[0], t[0] + t[1]))
@@ -60,7 +59,7 @@ def test_fold_statistics_come_from_the_folds_training_part_only(kind: str):
     table = load_csv(None)
     train_idx, test_idx = keras_split(len(table.y))
     for fold in range(4):
-        dm = RegressionData(num_folds=4, fold=fold, target_scaling=kind)
+        dm = set_up(num_folds=4, fold=fold, target_scaling=kind)
         fit, val = fold_split(len(train_idx), 4, fold)
         assert set(fit).isdisjoint(val) and len(fit) + len(val) == 404
         x_fit, y_fit = table.x[train_idx[fit]], table.y[train_idx[fit]]
@@ -99,7 +98,7 @@ def test_relu_on_standardized_targets_is_clipped_at_the_mean(make_cfg, tmp_path)
     assert std["test/mae"] > 1.3 * raw["test/mae"]
     # relu outputs 0 for every house it would price below average: in dollars, the mean.
     pred = np.load(tmp_path / "std" / "replicas.npz")["test_pred"].T  # (rows, replicas)
-    y_train = RegressionData(target_scaling="none").splits["train"][1].numpy()
+    y_train = set_up(target_scaling="none").splits["train"][1].numpy()
     at_mean = np.isclose(pred, y_train.mean(), atol=1e-3).mean(axis=0)
     assert (at_mean > 0.25).all()
 
