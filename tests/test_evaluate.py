@@ -11,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -198,16 +200,23 @@ def test_a_disk_that_fills_leaves_no_half_an_evaluation(job: Path, tmp_path: Pat
     assert evaluate(job_copy / CKPT, output_dir=given)["output_dir"] == str(given)
 
 
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """The directory read-only while the block runs, writable again after it."""
+    directory.chmod(0o555)
+    try:
+        yield
+    finally:
+        directory.chmod(0o755)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_job_directory_is_one_line(job: Path, tmp_path: Path):
     job_copy = copy_job(job, tmp_path / "job")
-    job_copy.chmod(0o555)
-    try:
+    with read_only(job_copy):
         proc = run_cli(
             f"ckpt_path={job_copy / CKPT}", cwd=tmp_path, module="housing_reg.evaluate", check=False
         )
-    finally:
-        job_copy.chmod(0o755)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert last_line(proc) == (
         f"error: cannot write to {job_copy / 'evaluate'} (Permission denied); "
@@ -242,11 +251,8 @@ def test_report_that_cannot_write_is_one_line(job: Path, tmp_path: Path):
 def test_report_into_a_read_only_sweep_is_one_line(job: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     copy_job(job, sweep / "0_head=none")
-    sweep.chmod(0o555)
-    try:
+    with read_only(sweep):
         proc = run_cli(str(sweep), cwd=tmp_path, module="housing_reg.report", check=False)
-    finally:
-        sweep.chmod(0o755)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert last_line(proc) == (
         f"error: cannot write to {sweep} (Permission denied); "
