@@ -55,3 +55,19 @@ def test_a_head_that_states_no_range_is_refused(make_cfg):
         check_config(make_cfg("~head.range"))
     with pytest.raises(ConfigError, match=r"head.range=\[1, 0\]"):
         check_config(make_cfg("head.range=[1,0]"))
+
+
+def test_training_flushes_denormals_to_zero(make_cfg, tmp_path: Path):
+    """A saturated sigmoid head's gradients and RMSprop state decay below float32's smallest
+    normal number; the CPU's slow path for such values made a fused fit with sigmoid
+    replicas twice as slow by its last epoch. Training flushes them to zero: the optimizer
+    state a job saves holds none."""
+    from housing_reg.jobdir import load_checkpoint
+    from housing_reg.train import train
+
+    train(make_cfg("head=sigmoid", "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0"))
+    state = load_checkpoint(tmp_path / "checkpoints/last.ckpt")["optimizer_states"][0]["state"]
+    values = torch.cat([v.flatten() for s in state.values() for v in s.values() if v.dim()])
+    tiny = torch.finfo(torch.float32).tiny
+    assert values.numel() > 5000
+    assert int(((values != 0) & (values.abs() < tiny)).sum()) == 0

@@ -22,6 +22,17 @@ from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 Batch = tuple[torch.Tensor, torch.Tensor]  # x (R, B, F) or (N, F), y (R, B, 1) or (N, 1)
 
 
+def cpu_arithmetic(threads: int | None = None) -> None:
+    """Set for training and evaluation alike. Few threads in training: 64-wide matmuls pay
+    less for a thread than they give. Denormal floats flushed to zero: a saturated head's
+    gradients and RMSprop state decay into them, and the CPU's slow path for them made a
+    fused fit with sigmoid replicas twice as slow by its last epoch (docs/speed.md); the
+    numbers stay those of the code before (scripts/study.sh: 0 of 1,120 per-run MAEs differ)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
 def replica_seeds(seed: int, replicas: int) -> list[int]:
     """Replica r is the lone run with seed + r: same initial weights, same batch order."""
     return [seed + r for r in range(replicas)]
