@@ -67,3 +67,13 @@ def test_tensorboard_shows_every_scalar_by_optimizer_step(tmp_path: Path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_run_without_a_logger_writes_its_results_and_no_tensorboard_run(make_cfg, tmp_path):
+    """`~logger` removes the logger group: the job trains and writes its files, no event file."""
+    from housing_reg.train import train
+
+    metrics = train(make_cfg("~logger", "trainer.max_epochs=1"))
+    assert metrics["status"] == "ok"
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "predictions.csv").is_file()
+    assert not list(tmp_path.rglob("events.out.tfevents*"))

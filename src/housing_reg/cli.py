@@ -366,12 +366,18 @@ def check_choices(args: list[str]) -> None:
         if not ours.is_dir() and not group.startswith("hydra/"):
             continue  # not a config group: a plain key such as optim.lr
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        if any(v is None or v == "null" for v in values) and ours.is_dir():  # else a traceback
+            drop = f"; to train without it, remove it: '~{group}'" if group in OPTIONAL else ""
+            options = ", ".join(sorted(p.name.removesuffix(".yaml") for p in ours.iterdir()))
+            raise ConfigError(f"{group}=null: choose one of: {options}{drop}")
         for v in values:
             if isinstance(v, str) and not (ours / f"{v}.yaml").is_file():
                 check_option(group, v)  # not one of ours: a plugin's, or a typo
             elif isinstance(v, str):
                 check_extra(f"{group}={v}")
 
+
+OPTIONAL = ("logger",)  # config groups a run may go without ('~logger': no TensorBoard run)
 
 # Our presets that build on a plugin's config: the extra that brings it, and its module.
 PLUGIN_PRESETS = {

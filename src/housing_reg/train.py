@@ -153,7 +153,7 @@ def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
         n = job.cfg.model.replicas
         hparams = model.hparams | {"replicas": n, "seed": job.cfg.seed}
         hparams["head_name"] = job.cfg.head.name
-        logger = create(job.cfg.logger) if job.cfg.logger is not None else None
+        logger = create(job.cfg.logger) if job.cfg.get("logger") is not None else None
         recorders.append(
             JobRecorder(resolved(job.cfg), job.data, logger, slice(start, start + n), hparams)
         )
