@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
@@ -28,6 +29,7 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf._utils import get_omega_conf_dumper
 
 from housing_reg import fuse, startup
 from hydra_plugins.housing_reg_launcher.slurm import NoResult, record_lost_job
@@ -53,16 +55,17 @@ class FusingLauncher(Launcher):
         if not all(j.fuse.enabled and not j.hydra.job.chdir for j in jobs):
             return self.inner.launch(job_overrides, initial_job_idx)  # exactly Hydra's
         cap = max(int(jobs[0].fuse.max_replicas), 1)
+        tasks = {id(j): task_config(j) for j in jobs}  # each job's, as Hydra hands it over
         groups = fuse.groups(
             jobs,
-            lambda j: fuse.fit_key(OmegaConf.to_container(task_config(j), resolve=False)),
+            lambda j: fuse.fit_key(OmegaConf.to_container(tasks[id(j)], resolve=False)),
             lambda j: int(j.model.replicas),
             cap,
         )
         if all(len(g) == 1 for g in groups):
             return self.inner.launch(job_overrides, initial_job_idx)
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
-        tasks = []
+        launched = []
         for group in groups:
             k = group[0].hydra.job.num
             path = sweep_dir / GROUPS / str(k) / "group.pkl"
@@ -72,20 +75,24 @@ class FusingLauncher(Launcher):
             # The first job's overrides too: the task composes as the jobs do (a sweeper chosen
             # by hparams_search, say), though it trains the configs in group.pkl.
             first = list(group[0].hydra.overrides.task)
-            tasks.append([*first, f"fuse.group='{path}'", *where])
+            launched.append([*first, f"fuse.group='{path}'", *where])
             models = sum(int(j.model.replicas) for j in group)
             log.info(f"group {k}: {len(group)} jobs, {models} models, one task")
             for j in group:
                 shown = " ".join(filter_overrides(j.hydra.overrides.task))
                 log.info(f"\t#{j.hydra.job.num} : {shown}")
-        returns = self.inner.launch(tasks, initial_job_idx)
+        returns = self.inner.launch(launched, initial_job_idx)
         for group, r in zip(groups, returns, strict=True):
             if isinstance(r, NoResult):  # Slurm ended the group's task: each job's record
                 for j in group:
                     lost = dataclasses.replace(r, job_dir=str(j.hydra.runtime.output_dir))
                     lost.overrides = list(j.hydra.overrides.task)
                     record_lost_job(lost)
-        return [job_return(j, r) for group, r in zip(groups, returns, strict=True) for j in group]
+        return [
+            job_return(j, tasks[id(j)], r)
+            for group, r in zip(groups, returns, strict=True)
+            for j in group
+        ]
 
     def compose(
         self, idx: int, overrides: Sequence[str], composed: dict[tuple, DictConfig]
@@ -115,11 +122,16 @@ class FusingLauncher(Launcher):
         with open_dict(cfg):
             cfg.hydra.job.id = idx
             cfg.hydra.job.num = idx
-        HydraConfig.instance().set_config(cfg)
+        # The directory as Hydra resolves it, with this job's config as HydraConfig; set (a
+        # copy of its hydra node, 10 ms) only where the directory names the hydra: resolver.
+        master = HydraConfig.instance().cfg
+        sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+        if "hydra:" in f"{sweep['dir']}{sweep['subdir']}":
+            HydraConfig.instance().set_config(cfg)
         out = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
         with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
             cfg.hydra.runtime.output_dir = str(out.absolute())
-        HydraConfig.instance().set_config(self.config)
+        HydraConfig.instance().cfg = master
         return cfg
 
 
@@ -160,16 +172,31 @@ def derive(
     return cfg
 
 
+def yaml_of(nodes: dict[str, DictConfig]) -> str:
+    """OmegaConf.to_yaml(OmegaConf.create(nodes)), the same text, without copying the nodes
+    into a new config first (to_yaml's own steps: a container, then PyYAML with its dumper)."""
+    container = {
+        k: OmegaConf.to_container(v, resolve=False, enum_to_str=True) for k, v in nodes.items()
+    }
+    return yaml.dump(
+        container,
+        default_flow_style=False,
+        allow_unicode=True,
+        sort_keys=False,
+        Dumper=get_omega_conf_dumper(),
+    )
+
+
 def task_config(cfg: DictConfig) -> DictConfig:
     """The job's config without its hydra node, as Hydra hands it to the task."""
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
-def job_return(job: DictConfig, group: JobReturn) -> JobReturn:
-    """One job's JobReturn out of its group task's."""
+def job_return(job: DictConfig, task: DictConfig, group: JobReturn) -> JobReturn:
+    """One job's JobReturn (task: its task_config) out of its group task's."""
     ret = JobReturn(
         overrides=list(job.hydra.overrides.task),
-        cfg=task_config(job),
+        cfg=task,
         hydra_cfg=OmegaConf.create({"hydra": job.hydra}),
         working_dir=group.working_dir,
         task_name=group.task_name,
@@ -200,8 +227,7 @@ def run_group(path: str, run: Callable[[list[DictConfig]], list[Any]]) -> dict[i
                 meta = out / str(job.hydra.output_subdir)
                 meta.mkdir(parents=True, exist_ok=True)
                 (meta / "config.yaml").write_text(OmegaConf.to_yaml(task))
-                hydra_cfg = OmegaConf.create({"hydra": job.hydra})
-                (meta / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra_cfg))
+                (meta / "hydra.yaml").write_text(yaml_of({"hydra": job.hydra}))
                 (meta / "overrides.yaml").write_text(OmegaConf.to_yaml(job.hydra.overrides.task))
             handler = logging.FileHandler(out / f"{job.hydra.job.name}.log")
             handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
