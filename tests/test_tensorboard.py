@@ -77,3 +77,24 @@ def test_a_run_without_a_logger_writes_its_results_and_no_tensorboard_run(make_c
     assert metrics["status"] == "ok"
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "predictions.csv").is_file()
     assert not list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_images_drawn_by_workers_are_those_drawn_here():
+    """A fit's jobs' images come from forked workers (images.py), taken in any order; each is
+    byte for byte the image this process draws for the same request."""
+    import numpy as np
+
+    from housing_reg.images import Images, summary_bytes, workers
+
+    rng = np.random.default_rng(0)
+    true = rng.uniform(5, 50, 102).astype(np.float32)
+    requests = {
+        k: (f"boston: {k}", true, true + rng.normal(0, s, (r, 102)).astype(np.float32), "MEDV", "")
+        for k, s, r in (("a", 1, 1), ("b", 5, 3), ("c", 0, 1))
+    }
+    with Images(requests) as images:
+        if workers(3):
+            assert images.pool is not None
+        got = {k: images.get(k) for k in ("c", "a", "b")}
+    assert got == {k: summary_bytes(r) for k, r in requests.items()}
+    assert len(set(got.values())) == 3

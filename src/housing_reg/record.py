@@ -24,6 +24,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from housing_reg.images import Images, Request
 from housing_reg.jobdir import (
     CHECKPOINT,
     METRICS,
@@ -105,7 +106,11 @@ class JobRecorder:
             self.logger.log_metrics(spread({name: per_replica}), step=step)
 
     # -- after test: the job's files -----------------------------------------------------------
-    def record_test(self, trainer: L.Trainer, results: dict[str, torch.Tensor]) -> None:
+    def record_test(
+        self, trainer: L.Trainer, results: dict[str, torch.Tensor], images: Images
+    ) -> None:
+        """The job's test scalars, HPARAMS row and image, then its files, metrics.json last
+        (images: this fit's, drawn in parallel; image_request made this job's)."""
         r = self.replicas
         per_replica = {"train/mae": torch.tensor(self.history["train/mae"][-1])}
         if self.history["val/mae"]:
@@ -116,16 +121,32 @@ class JobRecorder:
         step = trainer.global_step
         for name in ("test/mae", "test/mse"):
             self.log(step, name, per_replica[name])
-        if isinstance(self.logger, TensorBoardLogger):
-            log_hparams(self.logger, self.config, metrics)
-            log_pred_vs_true(self.logger, step, self.config, self.data, true, pred)
         write_predictions(self.dir / "predictions.csv", pred, true)
         write_replicas(self.dir, self.seeds, per_replica, pred, self.history)
         if self.checkpoint is not None:  # the tested model's, before the metrics that name it
             write_copy(self.dir / RESULT_CHECKPOINT, self.checkpoint)
+        if isinstance(self.logger, TensorBoardLogger):
+            log_hparams(self.logger, self.config, metrics)
+            log_image(self.logger, step, images.get(id(self)))
         write_json(self.dir / "metrics.json", metrics)
         (self.dir / "failure.json").unlink(missing_ok=True)  # an earlier failure, now retried
         self.metrics = metrics
+
+    def image_request(self, results: dict[str, torch.Tensor]) -> Request | None:
+        """What this job's TensorBoard image shows (images.py draws it), if it has one."""
+        if not isinstance(self.logger, TensorBoardLogger):
+            return None
+        c, r = self.config, self.replicas
+        pred, true = results["test/pred"][r].cpu(), results["test/true"][r.start].cpu()
+        seeds = (
+            f"seed {c['seed']}"
+            if len(pred) == 1
+            else f"seeds {c['seed']}-{c['seed'] + len(pred) - 1}"
+        )
+        fold = f", fold {c['data']['fold']}" if c["data"]["num_folds"] else ""
+        scaling = c["data"]["target_scaling"].replace("none", "unscaled")
+        title = f"{self.data.dataset}: {c['head']['name']}, {scaling} targets, {seeds}{fold}"
+        return title, true.numpy(), pred.numpy(), self.data.target_label, self.data.target_unit
 
     def summary(self, trainer: L.Trainer, per_replica: dict[str, torch.Tensor]) -> dict[str, Any]:
         c, data = self.config, self.data
@@ -242,11 +263,13 @@ class FitRecorder(Checkpoint):
             job.checkpoint = job.dir / CHECKPOINT
 
     def on_test_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
-        for job in self.live:
-            try:
-                job.record_test(trainer, model.results)
-            except OSError as e:  # a full disk: this job fails, the others still write
-                job.error = e
+        requests = {id(j): j.image_request(model.results) for j in self.live}
+        with Images({k: r for k, r in requests.items() if r is not None}) as images:
+            for job in self.live:
+                try:
+                    job.record_test(trainer, model.results, images)
+                except OSError as e:  # a full disk: this job fails, the others still write
+                    job.error = e
 
 
 SCALERS = ("x_shift", "x_scale", "y_shift", "y_scale")
@@ -401,26 +424,13 @@ def log_hparams(logger: TensorBoardLogger, config: dict[str, Any], metrics: dict
     writer.flush()
 
 
-def log_pred_vs_true(
-    logger: TensorBoardLogger,
-    step: int,
-    config: dict[str, Any],
-    data: Any,
-    true: torch.Tensor,
-    pred: torch.Tensor,
-) -> None:
-    """IMAGES tab: this job's test predictions against the truth, drawn once after testing."""
-    from housing_reg.figures import figure_rgb, pred_vs_true_figure  # matplotlib: only here
+def log_image(logger: TensorBoardLogger, step: int, summary: bytes) -> None:
+    """IMAGES tab: the job's test predictions against the truth (images.py drew them), at the
+    last optimizer step like the test scalars, as SummaryWriter.add_image logs an image."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
 
-    c, r = config, len(pred)
-    seeds = f"seed {c['seed']}" if r == 1 else f"seeds {c['seed']}-{c['seed'] + r - 1}"
-    fold = f", fold {c['data']['fold']}" if c["data"]["num_folds"] else ""
-    scaling = c["data"]["target_scaling"].replace("none", "unscaled")
-    title = f"{data.dataset}: {c['head']['name']}, {scaling} targets, {seeds}{fold}"
-    fig = pred_vs_true_figure(true, pred, title, data.target_label, data.target_unit)
     writer = logger.experiment
-    # At the last optimizer step, like the test scalars (not at step 0, before any training).
-    writer.add_image("test/pred_vs_true", figure_rgb(fig), global_step=step, dataformats="HWC")
+    writer._get_file_writer().add_summary(Summary.FromString(summary), global_step=step)
     writer.flush()
 
 
