@@ -71,3 +71,4 @@ def test_training_flushes_denormals_to_zero(make_cfg, tmp_path: Path):
     tiny = torch.finfo(torch.float32).tiny
     assert values.numel() > 5000
     assert int(((values != 0) & (values.abs() < tiny)).sum()) == 0
+    assert torch.tensor([tiny]).mul(0.5).item() > 0  # and the caller's arithmetic is as it was

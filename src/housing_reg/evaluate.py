@@ -26,7 +26,7 @@ from omegaconf.errors import MissingMandatoryValue
 from housing_reg.cli import quote_paths
 from housing_reg.data import DataError, load_csv
 from housing_reg.jobdir import job_of, load_checkpoint, write_json
-from housing_reg.model import Regressor, cpu_arithmetic, errors
+from housing_reg.model import Regressor, denormals_flushed, errors
 from housing_reg.record import JobRecorder, spread, write_predictions, write_replicas
 from housing_reg.settings import USER_ERRORS, ConfigError, create
 
@@ -36,6 +36,7 @@ RESULTS = ("predictions.csv", "replicas.csv", "replicas.npz", "metrics.json")
 TAKEN = (*RESULTS, "failure.json", ".hydra")
 
 
+@denormals_flushed()  # as in training, so the model predicts as it did when tested
 def evaluate(
     ckpt_path: str | Path,
     data_path: str | None = None,
@@ -202,7 +203,6 @@ def unwritable(path: Path, e: OSError, output_dir: str | Path | None) -> str:
 def load_model(ckpt: dict[str, Any], head: torch.nn.Module) -> Regressor:
     """Rebuild the Regressor from a checkpoint's hyperparameters and tensors only."""
     hp = ckpt["hyper_parameters"]
-    cpu_arithmetic()  # as in training, so the model predicts as it did when tested
     n = hp["num_features"]  # buffers must have their saved shapes before loading
     model = Regressor(head, None, x_shift=torch.zeros(n), x_scale=torch.ones(n), **hp)
     model.load_state_dict(ckpt["state_dict"])

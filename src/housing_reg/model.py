@@ -9,8 +9,9 @@ may belong to several jobs (a fused sweep, train.py): each job's replicas get it
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -22,15 +23,18 @@ from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 Batch = tuple[torch.Tensor, torch.Tensor]  # x (R, B, F) or (N, F), y (R, B, 1) or (N, 1)
 
 
-def cpu_arithmetic(threads: int | None = None) -> None:
-    """Set for training and evaluation alike. Few threads in training: 64-wide matmuls pay
-    less for a thread than they give. Denormal floats flushed to zero: a saturated head's
-    gradients and RMSprop state decay into them, and the CPU's slow path for them made a
-    fused fit with sigmoid replicas twice as slow by its last epoch (docs/speed.md); the
-    numbers stay those of the code before (scripts/study.sh: 0 of 1,120 per-run MAEs differ)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+@contextlib.contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Denormal floats flushed to zero while training or evaluating (this thread's setting,
+    restored after): a saturated head's gradients and RMSprop state decay into them, and the
+    CPU's slow path for them made a fused fit with sigmoid replicas twice as slow by its last
+    epoch (docs/speed.md). The numbers stay those of the code before (scripts/study.sh: 0 of
+    1,120 per-run MAEs differ), and evaluation flushes as training did."""
     torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # the default: the caller's arithmetic as it was
 
 
 def replica_seeds(seed: int, replicas: int) -> list[int]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from housing_reg import cli, fuse, memory, startup
 from housing_reg.data import FitData, RegressionData
 from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
-from housing_reg.model import Heads, Regressor, cpu_arithmetic, replica_seeds
+from housing_reg.model import Heads, Regressor, denormals_flushed, replica_seeds
 from housing_reg.record import FitRecorder, JobCheckpoints, JobRecorder, training_settings
 from housing_reg.settings import ConfigError, check_config, create
 from hydra_plugins.housing_reg_launcher import fused
@@ -140,11 +140,12 @@ def fit_key(job: Prepared) -> tuple:
     return fuse.fit_key(resolved(job.cfg)), sizes, job.progress, alone
 
 
+@denormals_flushed()
 def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
     """Train and test jobs as the replicas of one fit. Ctrl-C raises cli.NotStarted until the
     fit's first record (its jobs' TensorBoard hyperparameters), cli.Interrupted after it."""
     first = jobs[0].cfg
-    cpu_arithmetic(first.threads)
+    torch.set_num_threads(first.threads)  # 64-wide matmuls: threads cost more than they give
     L.seed_everything(first.seed, verbose=False)
     data = FitData([j.data for j in jobs])
     model = build_model(jobs, data)
