@@ -5,6 +5,7 @@ through the CLI."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import re
@@ -181,6 +182,8 @@ def test_the_estimate_follows_the_settings_and_leaves_a_normal_job_alone():
 
 # -- Ctrl-C while a job starts ---------------------------------------------------------------
 def start(cwd: Path, *args: str) -> subprocess.Popen:
+    """The command as a terminal starts it: SIGINT at its default, even where these tests run
+    in the background of a non-interactive shell (which starts them with SIGINT ignored)."""
     return subprocess.Popen(
         [sys.executable, "-m", "housing_reg.train", QUIET, "trainer.max_epochs=50", *args],
         cwd=cwd,
@@ -188,6 +191,7 @@ def start(cwd: Path, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **CTRL_C},
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
 
 
