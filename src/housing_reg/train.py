@@ -90,7 +90,9 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
                 if len(cfgs) > 1:
                     models = sum(j.cfg.model.replicas for j in jobs)
                     log.info("fit %d of %d: %d jobs, %d models", n, len(fits), len(jobs), models)
-                for job, outcome in zip(jobs, fit(jobs), strict=True):
+                with denormals_flushed():  # (not a decorator: Ray pickles this module's code)
+                    fitted = fit(jobs)
+                for job, outcome in zip(jobs, fitted, strict=True):
                     outcomes[job.index] = outcome
             except KeyboardInterrupt:  # between fits
                 raise cli.NotStarted() from None
@@ -140,7 +142,6 @@ def fit_key(job: Prepared) -> tuple:
     return fuse.fit_key(resolved(job.cfg)), sizes, job.progress, alone
 
 
-@denormals_flushed()
 def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
     """Train and test jobs as the replicas of one fit. Ctrl-C raises cli.NotStarted until the
     fit's first record (its jobs' TensorBoard hyperparameters), cli.Interrupted after it."""
