@@ -109,7 +109,7 @@ class JobRecorder:
     def record_test(
         self, trainer: L.Trainer, results: dict[str, torch.Tensor], images: Images
     ) -> None:
-        """The job's test scalars, HPARAMS row and image, then its files, metrics.json last
+        """The job's test scalars and files, its HPARAMS row and image, metrics.json last
         (images: this fit's, drawn in parallel; image_request made this job's)."""
         r = self.replicas
         per_replica = {"train/mae": torch.tensor(self.history["train/mae"][-1])}
