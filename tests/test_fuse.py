@@ -72,6 +72,12 @@ def test_fused_jobs_equal_unfused_jobs_one_by_one(tmp_path: Path):
         assert ca["state_dict"].keys() == cb["state_dict"].keys()
         for k, v in ca["state_dict"].items():
             assert torch.equal(v, cb["state_dict"][k]), (x.name, k)
+        # Each tensor saved alone: a view into the fit's tensors would save every job's.
+        saved = [*ca["state_dict"].values()]
+        saved += [
+            v for o in ca["optimizer_states"] for st in o["state"].values() for v in st.values()
+        ]
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in saved)
         assert (
             ca["callbacks"]["JobRecorder"]["history"] == cb["callbacks"]["JobRecorder"]["history"]
         )
