@@ -21,7 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from housing_reg import cli, fuse, memory, startup
 from housing_reg.data import FitData, RegressionData
 from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
-from housing_reg.model import Heads, Regressor, denormals_flushed, replica_seeds
+from housing_reg.model import (
+    Heads,
+    Regressor,
+    denormals_flushed,
+    intra_op_threads,
+    replica_seeds,
+)
 from housing_reg.record import FitRecorder, JobCheckpoints, JobRecorder, training_settings
 from housing_reg.settings import ConfigError, check_config, create
 from hydra_plugins.housing_reg_launcher import fused
@@ -90,7 +96,8 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
                 if len(cfgs) > 1:
                     models = sum(j.cfg.model.replicas for j in jobs)
                     log.info("fit %d of %d: %d jobs, %d models", n, len(fits), len(jobs), models)
-                with denormals_flushed():  # (not a decorator: Ray pickles this module's code)
+                # With-blocks, not decorators: Ray pickles this module's code by value.
+                with denormals_flushed(), intra_op_threads(fit_threads(jobs)):
                     fitted = fit(jobs)
                 for job, outcome in zip(jobs, fitted, strict=True):
                     outcomes[job.index] = outcome
@@ -142,11 +149,21 @@ def fit_key(job: Prepared) -> tuple:
     return fuse.fit_key(resolved(job.cfg)), sizes, job.progress, alone
 
 
+def fit_threads(jobs: list[Prepared]) -> int:
+    """A lone job trains on its `threads`; a fit of several jobs on theirs together, within
+    the threads this process has (torch's default: the cores it may use; a parallel
+    launcher's worker: its share). A 64-wide layer of one model gains nothing from a second
+    thread; the stacked layers of a fused fit do (docs/speed.md)."""
+    own = jobs[0].cfg.threads  # the same for every job of a fit (fit_key)
+    if len(jobs) == 1:
+        return own
+    return max(own, min(own * len(jobs), torch.get_num_threads()))
+
+
 def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
     """Train and test jobs as the replicas of one fit. Ctrl-C raises cli.NotStarted until the
     fit's first record (its jobs' TensorBoard hyperparameters), cli.Interrupted after it."""
     first = jobs[0].cfg
-    torch.set_num_threads(first.threads)  # 64-wide matmuls: threads cost more than they give
     L.seed_everything(first.seed, verbose=False)
     data = FitData([j.data for j in jobs])
     model = build_model(jobs, data)
@@ -250,9 +267,10 @@ def build_model(jobs: list[Prepared], data: FitData) -> Regressor:
 
 
 def merge_heads(jobs: list[Prepared]) -> torch.nn.Module:
-    """The jobs' heads in replica order, one call per job even where jobs share a head: an
+    """The jobs' heads in replica order, one call per job where jobs share a head: an
     activation's vectorized kernel and its scalar tail round differently (sigmoid, softplus),
-    so each job's head must see exactly the tensor its lone run gives it, its own replicas."""
+    so each job's head must see exactly the tensor its lone run gives it, its own replicas
+    (model.Heads: but for activations computed exactly, such as relu)."""
     if len(jobs) == 1:
         return jobs[0].head
     return Heads([(job.cfg.model.replicas, job.head) for job in jobs])

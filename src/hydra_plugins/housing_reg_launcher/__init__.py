@@ -50,7 +50,7 @@ class ForkLauncher(Launcher):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
         _launcher = self
         context = multiprocessing.get_context("fork")
-        with context.Pool(n, maxtasksperchild=1) as pool:
+        with context.Pool(n, share_threads, (n,), maxtasksperchild=1) as pool:
             return pool.map(_run, jobs, chunksize=1)
 
     def run(self, idx: int, overrides: list[str]) -> JobReturn:
@@ -66,6 +66,14 @@ class ForkLauncher(Launcher):
             job_dir_key="hydra.sweep.dir",
             job_subdir_key="hydra.sweep.subdir",
         )
+
+
+def share_threads(workers: int) -> None:
+    """A worker's share of this process's torch threads: a fused fit takes its jobs' threads
+    within what its process has (train.fit_threads), and the workers run side by side."""
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 def _run(job: tuple[int, list[str]]) -> JobReturn:
