@@ -108,7 +108,7 @@ def test_a_fused_fit_too_big_for_memory_is_refused_with_the_cap_that_fits(tmp_pa
     proc = run_cli(
         "-m",
         "seed=0,1,2,3",
-        "model.replicas=16",  # 64 models: one fit at fuse.max_replicas=64
+        "model.replicas=16",  # 64 models: one fit (fuse.max_replicas=512)
         BATCH,
         "trainer.max_epochs=1",
         QUIET,
