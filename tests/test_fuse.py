@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from housing_reg.train import train
+from housing_reg.train import GRAIN, fit_threads, head_elements, prepare, train
 
 from conftest import FAST, job_dirs, need, read_metrics, run_cli, scalars
 
@@ -231,3 +231,22 @@ def test_jobs_sharing_a_head_keep_their_own_head_call(tmp_path: Path):
     for x, y in zip(job_dirs(tmp_path / "f"), job_dirs(tmp_path / "p"), strict=True):
         for name in SAME:
             assert (x / name).read_text() == (y / name).read_text(), (x.name, name)
+
+
+def test_a_fit_of_several_jobs_pools_their_threads_where_each_keeps_its_bits(make_cfg, tmp_path):
+    """A fit of several jobs trains on their threads together, within the process's own; a
+    lone job on its own; so does a fit where a job's head would take more than GRAIN elements
+    in one call (torch would split it among threads, and a split sigmoid rounds otherwise)."""
+
+    def jobs(*overrides: str, n: int = 3) -> list:
+        return [
+            prepare(i, make_cfg(f"seed={i}", *overrides, output_dir=tmp_path / str(i)))
+            for i in range(n)
+        ]
+
+    cores = torch.get_num_threads()
+    assert fit_threads(jobs()) == min(3, cores)
+    assert fit_threads(jobs(n=1)) == 1
+    assert fit_threads(jobs("threads=2")) == max(2, min(6, cores))
+    big = jobs("model.replicas=330", n=2)  # 330 replicas x 102 test rows in one call
+    assert head_elements(big[0]) > GRAIN and fit_threads(big) == 1

@@ -220,7 +220,9 @@ def run_group(path: str, run: Callable[[list[DictConfig]], list[Any]]) -> dict[i
     root = logging.getLogger()
     try:
         for job in group:
-            HydraConfig.instance().set_config(job)
+            # ${hydra:...} in the job's config now resolves to this job's values: set_config's
+            # effect, without its copy of the hydra node (10 ms a job).
+            HydraConfig.instance().cfg = job
             out = Path(job.hydra.runtime.output_dir)
             task = task_config(job)
             if job.hydra.output_subdir is not None:
