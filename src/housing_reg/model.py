@@ -40,8 +40,8 @@ def denormals_flushed() -> Iterator[None]:
 @contextlib.contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to n while fitting, then restored: the next fit in the
-    process starts from the threads the process has. The numbers do not depend on n (each
-    replica's matmuls are its own; elementwise steps round alike in any split)."""
+    process starts from the threads the process has (train.fit_threads chooses n where the
+    numbers do not depend on it)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
