@@ -21,6 +21,17 @@ FAST = ["trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0"]
 # .ci/run sets this where it installed every extra: there a missing plugin is a failure.
 REQUIRE_EXTRAS = os.environ.get("HOUSING_REG_REQUIRE_EXTRAS") == "1"
 
+# Under pytest-xdist each worker gets its share of the cores as torch threads, for itself and
+# the CLI runs it starts (a fused fit takes up to all of them: two workers' fits side by side
+# on one core each would spin for the other's): as the parallel launcher shares them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _share = max(1, (_cores or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    import torch
+
+    torch.set_num_threads(_share)
+
 
 def need(module: str, extra: str) -> ModuleType:
     """The extra's module, or a skip that names the extra (a failure under REQUIRE_EXTRAS).
