@@ -25,12 +25,12 @@ REQUIRE_EXTRAS = os.environ.get("HOUSING_REG_REQUIRE_EXTRAS") == "1"
 # the CLI runs it starts (a fused fit takes up to all of them: two workers' fits side by side
 # on one core each would spin for the other's): as the parallel launcher shares them.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    _share = max(1, (_cores or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ["OMP_NUM_THREADS"] = str(_share)
     import torch
 
-    torch.set_num_threads(_share)
+    from hydra_plugins.housing_reg_launcher import share_threads
+
+    share_threads(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 def need(module: str, extra: str) -> ModuleType:
