@@ -74,17 +74,21 @@ def test_training_flushes_denormals_to_zero(make_cfg, tmp_path: Path):
     assert torch.tensor([tiny]).mul(0.5).item() > 0  # and the caller's arithmetic is as it was
 
 
+@pytest.mark.parametrize("rows", [1, 7, 102])
 @pytest.mark.parametrize("head", HEADS)
-def test_jobs_heads_give_each_job_the_bits_of_its_own_call(make_cfg, head: str):
+def test_jobs_heads_give_each_job_the_bits_of_its_own_call(make_cfg, head: str, rows: int):
     """A fit's Heads against each job's head called alone on its own replicas, forward and
-    backward, bit for bit: sizes 1..37 put replicas in vectorized bodies and scalar tails.
-    Neighbours share a call only where the activation is computed exactly (relu, none)."""
-    sizes = [1, 3, 16, 37, 1, 8]
+    backward, bit for bit, for a training step's rows (1) and an evaluation chunk's: sizes
+    1..37 put a job's elements in vectorized bodies and scalar tails. Neighbours share a call
+    where that keeps their bits: relu and none over all their replicas; sigmoid, tanh and
+    softplus under 16 elements, where every element takes the scalar path."""
+    sizes = [1, 3, 10, 10, 10, 37, 1, 1, 8]
     made = [instantiate(make_cfg(f"head={head}").head.activation) for _ in sizes]
     heads = Heads(list(zip(sizes, made, strict=True)))
     exact = isinstance(made[0], torch.nn.Identity | torch.nn.ReLU | torch.nn.LeakyReLU)
-    assert len(heads.parts) == (1 if exact else len(sizes))
-    z = (torch.randn(sum(sizes), 1, 1) * 3).requires_grad_()
+    calls = {1: [14, 10, 10, 37, 10], 7: [1, 3, 10, 10, 10, 37, 2, 8], 102: sizes}[rows]
+    assert heads.plan(rows)[0] == ([sum(sizes)] if exact else calls)
+    z = (torch.randn(sum(sizes), rows, 1) * 3).requires_grad_()
     out = heads(z)
     grad_out = torch.linspace(-2, 2, out.numel()).reshape(out.shape)
     out.backward(grad_out)

@@ -103,36 +103,63 @@ class StackedMLP(nn.Module):
 # Activations computed exactly (a maximum, a choice, one multiplication): their vectorized
 # body and scalar tail give the same bits, so neighbouring jobs that share one share its call.
 EXACT_HEADS = (nn.Identity, nn.ReLU, nn.LeakyReLU)
+# Activations whose kernels run fewer than SCALAR_BELOW elements all on the scalar path, forward
+# and backward: a vectorized body needs 2 x the SIMD width, 16 floats or more on any CPU torch
+# supports. Neighbouring jobs share a call of fewer elements than that, each job's element
+# (a training step's, batch size 1) then rounded as in its own call.
+SMALL_HEADS = (nn.Sigmoid, nn.Tanh, nn.Softplus)
+SCALAR_BELOW = 16
 
 
 class Heads(nn.Module):
     """Each job's own output activation on its own replicas: parts are (replicas, activation)
-    in replica order, one per job, so that each call sees the very tensor shape of the job's
-    lone run (elementwise kernels round their vectorized body and scalar tail differently).
-    Neighbouring jobs whose heads are the same EXACT_HEADS activation take one call: a fit's
-    per-job calls cost about 27 us a step each (forward and backward)."""
+    in replica order, one per job, so that each job's elements take the very kernel path of
+    its lone run's call (elementwise kernels round their vectorized body and scalar tail
+    differently). Neighbouring jobs share a call where that keeps each job's bits: over all
+    their replicas for EXACT_HEADS, under SCALAR_BELOW elements for SMALL_HEADS. A call costs
+    about 27 us a step (forward and backward), which a fit of 40 jobs would pay 40 times."""
 
     def __init__(self, parts: Sequence[tuple[int, nn.Module]]):
         super().__init__()
-        merged: list[tuple[int, nn.Module]] = []
-        for n, head in parts:
-            if merged and same_exact(merged[-1][1], head):
-                merged[-1] = (merged[-1][0] + n, merged[-1][1])
-            else:
-                merged.append((n, head))
-        self.sizes = [n for n, _ in merged]
-        self.parts = nn.ModuleList(m for _, m in merged)
+        self.replicas = [n for n, _ in parts]
+        self.parts = nn.ModuleList(head for _, head in parts)
+        self.plans: dict[int, tuple[list[int], list[nn.Module]]] = {}
+
+    def plan(self, rows: int) -> tuple[list[int], list[nn.Module]]:
+        """The calls for inputs of `rows` rows a replica: (replicas, activation) each."""
+        sizes: list[int] = []
+        heads: list[nn.Module] = []
+        for n, head in zip(self.replicas, self.parts, strict=True):
+            if heads and same_head(heads[-1], head):
+                small = (sizes[-1] + n) * rows < SCALAR_BELOW
+                if isinstance(head, EXACT_HEADS) or small:
+                    sizes[-1] += n
+                    continue
+            sizes.append(n)
+            heads.append(head)
+        return sizes, heads
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if len(self.parts) == 1:
-            return self.parts[0](z)
-        pieces = z.split(self.sizes)
-        return torch.cat([m(p) for m, p in zip(self.parts, pieces, strict=True)])
+        rows = z.numel() // z.shape[0]
+        if rows not in self.plans:
+            self.plans[rows] = self.plan(rows)
+        sizes, heads = self.plans[rows]
+        if len(heads) == 1:
+            return heads[0](z)
+        return torch.cat([m(p) for m, p in zip(heads, z.split(sizes), strict=True)])
 
 
-def same_exact(a: nn.Module, b: nn.Module) -> bool:
-    """Both the same exactly computed activation, settings included (LeakyReLU's slope)."""
-    return type(a) is type(b) and isinstance(a, EXACT_HEADS) and repr(a) == repr(b)
+# PyTorch splits an elementwise op among threads only above this many elements
+# (at::internal::GRAIN_SIZE), and each part ends in its own scalar tail, which a sigmoid or
+# softplus rounds differently from its vectorized body: split otherwise, other last bits.
+GRAIN = 32768
+
+
+def same_head(a: nn.Module, b: nn.Module) -> bool:
+    """Both the same activation, settings included (a slope, softplus's beta), of a kind
+    whose call jobs may share (EXACT_HEADS, SMALL_HEADS)."""
+    shared = isinstance(a, EXACT_HEADS + SMALL_HEADS)
+    return type(a) is type(b) and shared and repr(a) == repr(b)
 
 
 class Regressor(L.LightningModule):
