@@ -193,6 +193,9 @@ def pred_vs_true_figure(y_true, y_pred, title: str, target: str = "", unit: str 
     fig.subplots_adjust(left=0.16, right=0.96, bottom=0.13, top=0.92)
     ax = fig.subplots()
     draw_pred_vs_true(ax, np.asarray(y_true), np.asarray(y_pred), title)
+    # At its default height, not moved clear of the axis decorations above the axes (this
+    # figure has none): matplotlib's search for them is a tenth of the drawing time.
+    ax.set_title(title, fontsize=9, y=1.0)
     ax.set_xlabel(f"true {target or 'target'}{units(unit)}")
     ax.set_ylabel("predicted")
     return fig
