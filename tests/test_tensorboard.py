@@ -84,7 +84,8 @@ def test_images_drawn_by_workers_are_those_drawn_here():
     byte for byte the image this process draws for the same request."""
     import numpy as np
 
-    from housing_reg.images import Images, summary_bytes, workers
+    from housing_reg.forking import workers
+    from housing_reg.images import Images, summary_bytes
 
     rng = np.random.default_rng(0)
     true = rng.uniform(5, 50, 102).astype(np.float32)

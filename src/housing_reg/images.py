@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import io
 import multiprocessing
-import os
-import signal
-import sys
 from collections.abc import Hashable, Iterator
 from typing import Any
 
 import numpy as np
+
+from housing_reg.forking import default_signals, workers
 
 TAG = "test/pred_vs_true"
 Request = tuple[str, np.ndarray, np.ndarray, str, str]  # title, true, pred, target, unit
@@ -40,19 +39,6 @@ def summary_bytes(request: Request) -> bytes:
         height=height, width=width, colorspace=channels, encoded_image_string=png.getvalue()
     )
     return Summary(value=[Summary.Value(tag=TAG, image=image)]).SerializeToString()
-
-
-def workers(jobs: int) -> int:
-    """Processes worth starting for this many images: none for one, else one per usable CPU.
-    None in a parallel launcher's worker (its CPUs are the other jobs', and it may not have
-    children) or a Ray worker (whose threads make fork unsafe)."""
-    if jobs < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return 0
-    ray = sys.modules.get("ray")
-    if multiprocessing.current_process().daemon or (ray is not None and ray.is_initialized()):
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(jobs, cpus or 1) if (cpus or 1) > 1 else 0
 
 
 class Images:
@@ -86,10 +72,3 @@ class Images:
             else:
                 self.pool.terminate()  # the test stage failed: no image is needed
             self.pool.join()
-
-
-def default_signals() -> None:
-    """A worker dies on SIGTERM (the fork copied this process's handlers: Lightning's, which
-    would only set a flag) and leaves Ctrl-C to this process, which stops the pool."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

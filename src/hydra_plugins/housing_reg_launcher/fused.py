@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf._utils import get_omega_conf_dumper
 
-from housing_reg import fuse, startup
+from housing_reg import forking, fuse, startup
 from hydra_plugins.housing_reg_launcher.slurm import NoResult, record_lost_job
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,12 @@ class FusingLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        composed: dict[tuple, bytes] = {}  # Hydra's compositions (pickled), to derive jobs from
-        jobs = [self.compose(initial_job_idx + i, o, composed) for i, o in enumerate(job_overrides)]
+        parsed = [self.parse(o) for o in job_overrides]
+        composed = self.compose_shapes(job_overrides, [shape for *_, shape in parsed])
+        jobs = [
+            self.compose(initial_job_idx + i, o, *parse, composed)
+            for i, (o, parse) in enumerate(zip(job_overrides, parsed, strict=True))
+        ]
         if not all(j.fuse.enabled and not j.hydra.job.chdir for j in jobs):
             return self.inner.launch(job_overrides, initial_job_idx)  # exactly Hydra's
         cap = max(int(jobs[0].fuse.max_replicas), 1)
@@ -93,31 +98,62 @@ class FusingLauncher(Launcher):
             for j in group
         ]
 
-    def compose(
-        self, idx: int, overrides: Sequence[str], composed: dict[tuple, bytes]
-    ) -> DictConfig:
-        """The job's config as a launcher composes it, its output directory resolved here.
-
-        Hydra's composition costs about 0.1 s a job. A job whose overrides differ from a job
-        composed before only in the values of plain settings (seed=3 where that one had
-        seed=0) is derived from it instead: its config copied, those overrides applied by
-        Hydra's own function, and the two hydra fields the overrides name recomputed as Hydra
-        computes them (tests/test_fuse.py compares every file with Hydra's own)."""
+    def parse(self, overrides: Sequence[str]) -> tuple[list[Override], list[bool], tuple]:
+        """A job's overrides parsed, which of them are plain values (plain_value), and its
+        shape: the overrides with those values left out. Jobs of one shape differ only in the
+        values of plain settings (seed=3 where another has seed=0)."""
         parsed = OverridesParser.create().parse_overrides(list(overrides))
         plain = [plain_value(o, self.config) for o in parsed]
         shape = tuple(
             (o.key_or_group, None if p else o.input_line)
             for o, p in zip(parsed, plain, strict=True)
         )
-        base = composed.get(shape)
-        if base is not None:
-            cfg = derive(
-                base, [o for o, p in zip(parsed, plain, strict=True) if p], parsed, self.config
-            )
+        return parsed, plain, shape
+
+    def compose_shapes(
+        self, job_overrides: Sequence[Sequence[str]], shapes: list[tuple]
+    ) -> dict[tuple, tuple[tuple[str, ...], bytes]]:
+        """Hydra's composition of the first job of each shape, pickled, by shape. A composition
+        takes about 0.25 s; several are made side by side in forked workers where the machine
+        has the cores (forking.py), else here, one after the other."""
+        firsts: dict[tuple, tuple[str, ...]] = {}
+        for overrides, shape in zip(job_overrides, shapes, strict=True):
+            firsts.setdefault(shape, tuple(overrides))
+        todo = list(firsts.values())
+        global _COMPOSING
+        _COMPOSING = (self.hydra_context.config_loader, self.config)
+        done = None
+        if n := forking.workers(len(todo)):
+            try:
+                pool = multiprocessing.get_context("fork").Pool(n, forking.default_signals)
+                with pool:
+                    done = pool.map(compose_pickled, todo)
+            except Exception:  # e.g. an unknown choice: raised again here, as Hydra raises it
+                done = None
+        if done is None:
+            done = [compose_pickled(o) for o in todo]
+        return {shape: (o, b) for (shape, o), b in zip(firsts.items(), done, strict=True)}
+
+    def compose(
+        self,
+        idx: int,
+        overrides: Sequence[str],
+        parsed: list[Override],
+        plain: list[bool],
+        shape: tuple,
+        composed: dict[tuple, tuple[tuple[str, ...], bytes]],
+    ) -> DictConfig:
+        """The job's config as a launcher composes it, its output directory resolved here: the
+        composition of its shape (compose_shapes), or, for the other jobs of that shape, one
+        derived from it: its config copied, the job's values applied by Hydra's own function,
+        and the two hydra fields the overrides name recomputed as Hydra computes them
+        (tests/test_fuse.py compares every file with Hydra's own)."""
+        first, base = composed[shape]
+        if tuple(overrides) == first:
+            cfg = pickle.loads(base)
         else:
-            loader = self.hydra_context.config_loader
-            cfg = loader.load_sweep_config(self.config, list(overrides))
-            composed[shape] = pickle.dumps(cfg)
+            values = [o for o, p in zip(parsed, plain, strict=True) if p]
+            cfg = derive(base, values, parsed, self.config)
         with open_dict(cfg):
             cfg.hydra.job.id = idx
             cfg.hydra.job.num = idx
@@ -132,6 +168,15 @@ class FusingLauncher(Launcher):
             cfg.hydra.runtime.output_dir = str(out.absolute())
         HydraConfig.instance().cfg = master
         return cfg
+
+
+_COMPOSING: tuple[Any, DictConfig] | None = None  # (config loader, sweep config), for workers
+
+
+def compose_pickled(overrides: Sequence[str]) -> bytes:
+    """Hydra's composition of a job (load_sweep_config, as its launchers call it), pickled."""
+    loader, master = _COMPOSING
+    return pickle.dumps(loader.load_sweep_config(master, list(overrides)))
 
 
 _ABSENT = object()
