@@ -277,10 +277,9 @@ def build_model(jobs: list[Prepared], data: FitData) -> Regressor:
 
 
 def merge_heads(jobs: list[Prepared]) -> torch.nn.Module:
-    """The jobs' heads in replica order, one call per job where jobs share a head: an
-    activation's vectorized kernel and its scalar tail round differently (sigmoid, softplus),
-    so each job's head must see exactly the tensor its lone run gives it, its own replicas
-    (model.Heads: but for activations computed exactly, such as relu)."""
+    """The jobs' heads in replica order: an activation's vectorized kernel and its scalar tail
+    round differently (sigmoid, softplus), so each job's elements must take the kernel path
+    of its lone run's call; model.Heads shares a call only where they do."""
     if len(jobs) == 1:
         return jobs[0].head
     return Heads([(job.cfg.model.replicas, job.head) for job in jobs])
