@@ -149,12 +149,6 @@ class Heads(nn.Module):
         return torch.cat([m(p) for m, p in zip(heads, z.split(sizes), strict=True)])
 
 
-# PyTorch splits an elementwise op among threads only above this many elements
-# (at::internal::GRAIN_SIZE), and each part ends in its own scalar tail, which a sigmoid or
-# softplus rounds differently from its vectorized body: split otherwise, other last bits.
-GRAIN = 32768
-
-
 def same_head(a: nn.Module, b: nn.Module) -> bool:
     """Both the same activation, settings included (a slope, softplus's beta), of a kind
     whose call jobs may share (EXACT_HEADS, SMALL_HEADS)."""

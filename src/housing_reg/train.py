@@ -22,7 +22,6 @@ from housing_reg import cli, fuse, memory, startup
 from housing_reg.data import FitData, RegressionData
 from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
 from housing_reg.model import (
-    GRAIN,
     Heads,
     Regressor,
     denormals_flushed,
@@ -148,6 +147,12 @@ def fit_key(job: Prepared) -> tuple:
     plateau = job.cfg.lr_scheduler.name == "plateau"  # follows this job's own val/mae
     alone = job.index if learns or plateau else None
     return fuse.fit_key(resolved(job.cfg)), sizes, job.progress, alone
+
+
+# PyTorch splits an elementwise op among threads only above this many elements
+# (at::internal::GRAIN_SIZE), and each part ends in its own scalar tail, which a sigmoid or
+# softplus rounds differently from its vectorized body: split otherwise, other last bits.
+GRAIN = 32768
 
 
 def fit_threads(jobs: list[Prepared]) -> int:

@@ -122,16 +122,19 @@ class FusingLauncher(Launcher):
         todo = list(firsts.values())
         global _COMPOSING
         _COMPOSING = (self.hydra_context.config_loader, self.config)
-        done = None
-        if n := forking.workers(len(todo)):
-            try:
-                pool = multiprocessing.get_context("fork").Pool(n, forking.default_signals)
-                with pool:
-                    done = pool.map(compose_pickled, todo)
-            except Exception:  # e.g. an unknown choice: raised again here, as Hydra raises it
-                done = None
-        if done is None:
-            done = [compose_pickled(o) for o in todo]
+        try:
+            done = None
+            if n := forking.workers(len(todo)):
+                try:
+                    pool = multiprocessing.get_context("fork").Pool(n, forking.default_signals)
+                    with pool:
+                        done = pool.map(compose_pickled, todo)
+                except Exception:  # e.g. an unknown choice: raised again here, as Hydra does
+                    done = None
+            if done is None:
+                done = [compose_pickled(o) for o in todo]
+        finally:
+            _COMPOSING = None  # the workers are gone: nothing keeps the loader
         return {shape: (o, b) for (shape, o), b in zip(firsts.items(), done, strict=True)}
 
     def compose(
