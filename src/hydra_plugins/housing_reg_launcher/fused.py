@@ -255,21 +255,23 @@ def entry_yaml(entry: dict[str, Any]) -> str:
 
 
 def task_config(cfg: DictConfig) -> DictConfig:
-    """The job's config without its hydra node, made as Hydra's run_job makes it: a copy (by
-    pickle: a third of deepcopy's time), the node deleted."""
-    task = pickle.loads(pickle.dumps(cfg))
-    with read_write(task), open_dict(task):
-        del task["hydra"]
-    return task
+    """The job's config without its hydra node, as Hydra's run_job makes it."""
+    return copy_keeping(cfg, lambda key: key != "hydra")
 
 
 def hydra_config(cfg: DictConfig) -> DictConfig:
     """The job's hydra node alone, {hydra: ...}, as run_job's JobReturn holds it."""
-    hydra = pickle.loads(pickle.dumps(cfg))
-    with read_write(hydra), open_dict(hydra):
-        for key in [k for k in hydra if k != "hydra"]:
-            del hydra[key]
-    return hydra
+    return copy_keeping(cfg, lambda key: key == "hydra")
+
+
+def copy_keeping(cfg: DictConfig, keep: Callable[[str], bool]) -> DictConfig:
+    """A copy of cfg (by pickle: a third of deepcopy's time) with the other top-level keys
+    deleted, as run_job deletes the hydra node from its copy."""
+    copy = pickle.loads(pickle.dumps(cfg))
+    with read_write(copy), open_dict(copy):
+        for key in [k for k in copy if not keep(str(k))]:
+            del copy[key]
+    return copy
 
 
 def job_return(job: DictConfig, task: DictConfig, group: JobReturn) -> JobReturn:
@@ -307,9 +309,9 @@ def run_group(path: str, run: Callable[[list[DictConfig]], list[Any]]) -> dict[i
             if job.hydra.output_subdir is not None:
                 meta = out / str(job.hydra.output_subdir)
                 meta.mkdir(parents=True, exist_ok=True)
-                task = OmegaConf.to_container(job, resolve=False, enum_to_str=True)
-                hydra = {"hydra": task.pop("hydra")}
-                (meta / "config.yaml").write_text(yaml_of(task))
+                plain = OmegaConf.to_container(job, resolve=False, enum_to_str=True)
+                hydra = {"hydra": plain.pop("hydra")}
+                (meta / "config.yaml").write_text(yaml_of(plain))
                 (meta / "hydra.yaml").write_text(yaml_of(hydra, inside="hydra"))
                 (meta / "overrides.yaml").write_text(OmegaConf.to_yaml(job.hydra.overrides.task))
             handler = logging.FileHandler(out / f"{job.hydra.job.name}.log")
