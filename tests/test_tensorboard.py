@@ -99,3 +99,24 @@ def test_images_drawn_by_workers_are_those_drawn_here():
         got = {k: images.get(k) for k in ("c", "a", "b")}
     assert got == {k: summary_bytes(r) for k, r in requests.items()}
     assert len(set(got.values())) == 3
+
+
+def test_pred_vs_true_image_drawn_again_has_a_new_figures_pixels():
+    """figures.pred_vs_true_rgb draws each job's image on one figure per process, emptied and
+    filled again: every image is pixel for pixel a new figure's, whatever the images before it
+    (ranges from 0.01 to 1000 wide, negative values, a flat line, labels with and without
+    units)."""
+    import numpy as np
+
+    from housing_reg.figures import figure_rgb, pred_vs_true_figure, pred_vs_true_rgb
+
+    rng = np.random.default_rng(1)
+    requests = []
+    for i, width in enumerate((1000.0, 1.0, 0.01, 50.0, 3.0, 1000.0)):
+        true = rng.uniform(-0.5, 1.0, 102) * width
+        pred = np.full(102, 0.5) if i == 3 else true + rng.normal(0, 0.1 * width, (1 + i % 3, 102))
+        title = f"job {i}: test MAE {i * 1.7:.2f}"
+        requests.append((true, pred, title, "MEDV" * (i % 2), "$1000s"))
+    for request in requests:
+        again, new = pred_vs_true_rgb(*request), figure_rgb(pred_vs_true_figure(*request))
+        assert again.shape == new.shape and np.array_equal(again, new), request[2]
