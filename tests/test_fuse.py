@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from housing_reg.train import GRAIN, fit_threads, head_elements, prepare, train
 
@@ -151,6 +152,40 @@ def test_group_file_holds_composed_configs(tmp_path: Path):
     group = pickle.loads((tmp_path / "s/.fused/0/group.pkl").read_bytes())
     assert [str(g.head.name) for g in group] == ["none", "relu"]
     assert [int(g.hydra.job.num) for g in group] == [0, 1]
+
+
+def test_group_tasks_config_is_the_one_hydra_composes():
+    """The inner launcher is handed each group task's config composed already (fused.py:
+    Composed, extended), from its first job's config, composed or derived; it equals Hydra's
+    own composition of the task's overrides, every key of it, hydra's included."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.housing_reg_launcher.fused import Composed, derive, extended
+
+    task = ["fuse.group='/sweep/.fused/1/group.pkl'", "hydra.sweep.subdir=.fused/1"]
+    task.append("hydra.output_subdir=null")
+    with initialize_config_module("housing_reg.conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "config", ["head=relu,tanh", "seed=3,4", "hydra.job.chdir=false"], RunMode.MULTIRUN
+        )
+        first = ["head=tanh", "seed=3"]
+        composed = loader.load_sweep_config(master, first)
+        parsed = OverridesParser.create().parse_overrides(["head=tanh", "seed=4"])
+        derived = derive(pickle.dumps(composed), parsed[1:], parsed, master)
+        for job, overrides in ((composed, first), (derived, ["head=tanh", "seed=4"])):
+            ready = {tuple(overrides + task): pickle.dumps(extended(job, task))}
+            served = Composed(loader, ready).load_sweep_config(master, overrides + task)
+            hydras = loader.load_sweep_config(master, overrides + task)
+            assert OmegaConf.to_container(served) == OmegaConf.to_container(hydras)
+            assert served.hydra.overrides.hydra[-2:] == task[1:]
+            assert served.fuse.group == "/sweep/.fused/1/group.pkl"
+        # Any other overrides: composed by Hydra, as before.
+        other = Composed(loader, ready).load_sweep_config(master, ["head=relu"])
+        assert other.head.name == "relu" and other.fuse.group is None
 
 
 @pytest.mark.parametrize("launcher", ["parallel"])

@@ -69,23 +69,35 @@ class FusingLauncher(Launcher):
         if all(len(g) == 1 for g in groups):
             return self.inner.launch(job_overrides, initial_job_idx)
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
-        launched = []
+        launched, ready = [], {}
         for group in groups:
             k = group[0].hydra.job.num
             path = sweep_dir / GROUPS / str(k) / "group.pkl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(pickle.dumps(group))
-            where = [f"hydra.sweep.subdir={GROUPS}/{k}", "hydra.output_subdir=null"]
+            where = [f"fuse.group='{path}'", f"hydra.sweep.subdir={GROUPS}/{k}"]
+            where.append("hydra.output_subdir=null")
             # The first job's overrides too: the task composes as the jobs do (a sweeper chosen
             # by hparams_search, say), though it trains the configs in group.pkl.
-            first = list(group[0].hydra.overrides.task)
-            launched.append([*first, f"fuse.group='{path}'", *where])
+            i = k - initial_job_idx
+            launched.append([*job_overrides[i], *where])
+            task = extended(self.loaded(job_overrides[i], *parsed[i], composed), where)
+            ready[tuple(launched[-1])] = pickle.dumps(task)
             models = sum(int(j.model.replicas) for j in group)
             log.info(f"group {k}: {len(group)} jobs, {models} models, one task")
             for j in group:
                 shown = " ".join(filter_overrides(j.hydra.overrides.task))
                 log.info(f"\t#{j.hydra.job.num} : {shown}")
-        returns = self.inner.launch(launched, initial_job_idx)
+        # The inner launcher asks its config loader for each task's config: this one has them
+        # composed already (0.25 s a task saved), and asks Hydra for any other.
+        context = self.inner.hydra_context
+        self.inner.hydra_context = dataclasses.replace(
+            context, config_loader=Composed(context.config_loader, ready)
+        )
+        try:
+            returns = self.inner.launch(launched, initial_job_idx)
+        finally:
+            self.inner.hydra_context = context
         for group, r in zip(groups, returns, strict=True):
             if isinstance(r, NoResult):  # Slurm ended the group's task: each job's record
                 for j in group:
@@ -137,6 +149,22 @@ class FusingLauncher(Launcher):
             _COMPOSING = None  # the workers are gone: nothing keeps the loader
         return {shape: (o, b) for (shape, o), b in zip(firsts.items(), done, strict=True)}
 
+    def loaded(
+        self,
+        overrides: Sequence[str],
+        parsed: list[Override],
+        plain: list[bool],
+        shape: tuple,
+        composed: dict[tuple, tuple[tuple[str, ...], bytes]],
+    ) -> DictConfig:
+        """The job's config exactly as load_sweep_config returns it: its shape's composition,
+        or derived from it."""
+        first, base = composed[shape]
+        if tuple(overrides) == first:
+            return pickle.loads(base)
+        values = [o for o, p in zip(parsed, plain, strict=True) if p]
+        return derive(base, values, parsed, self.config)
+
     def compose(
         self,
         idx: int,
@@ -151,12 +179,7 @@ class FusingLauncher(Launcher):
         derived from it: its config copied, the job's values applied by Hydra's own function,
         and the two hydra fields the overrides name recomputed as Hydra computes them
         (tests/test_fuse.py compares every file with Hydra's own)."""
-        first, base = composed[shape]
-        if tuple(overrides) == first:
-            cfg = pickle.loads(base)
-        else:
-            values = [o for o, p in zip(parsed, plain, strict=True) if p]
-            cfg = derive(base, values, parsed, self.config)
+        cfg = self.loaded(overrides, parsed, plain, shape, composed)
         with open_dict(cfg):
             cfg.hydra.job.id = idx
             cfg.hydra.job.num = idx
@@ -180,6 +203,45 @@ def compose_pickled(overrides: Sequence[str]) -> bytes:
     """Hydra's composition of a job (load_sweep_config, as its launchers call it), pickled."""
     loader, master = _COMPOSING
     return pickle.dumps(loader.load_sweep_config(master, list(overrides)))
+
+
+class Composed:
+    """A launcher's config loader with some of its answers known already: load_sweep_config
+    returns a copy of the config kept for those overrides, and asks the wrapped loader for any
+    other. Pickled with the launcher where it runs its tasks elsewhere (ray, slurm)."""
+
+    def __init__(self, loader: Any, ready: dict[tuple[str, ...], bytes]):
+        self.loader, self.ready = loader, ready
+
+    def load_sweep_config(self, master: DictConfig, overrides: list[str]) -> DictConfig:
+        ready = self.ready.get(tuple(overrides))
+        if ready is None:
+            return self.loader.load_sweep_config(master, overrides)
+        return pickle.loads(ready)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("loader", "ready") or name.startswith("__"):  # while being unpickled
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def extended(cfg: DictConfig, more: list[str]) -> DictConfig:
+    """cfg, load_sweep_config's config for some overrides, as it would compose them followed
+    by `more`: overrides of plain settings, hydra's or the job's (none selects a config)."""
+    extra = OverridesParser.create().parse_overrides(more)
+    ConfigLoaderImpl._apply_overrides_to_config(extra, cfg)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        for o in extra:
+            cfg.hydra.overrides["hydra" if o.is_hydra_override() else "task"].append(o.input_line)
+        task = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))
+        names = cfg.hydra.job.config.override_dirname
+        cfg.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=task,
+            kv_sep=names.kv_sep,
+            item_sep=names.item_sep,
+            exclude_keys=names.exclude_keys,
+        )
+    return cfg
 
 
 _ABSENT = object()
