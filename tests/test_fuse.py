@@ -101,6 +101,23 @@ def test_replicas_per_job_and_the_cap(tmp_path: Path):
     )
 
 
+def test_groups_keep_order_and_split_at_the_cap():
+    """fuse.groups: equal keys together in order of first appearance, each group at most cap
+    models in all, an item bigger than cap alone."""
+    from housing_reg.fuse import groups
+
+    items = [("a", 2), ("b", 1), ("a", 2), ("a", 1), ("b", 5), ("a", 3), ("b", 1), ("a", 1)]
+    got = groups(items, lambda i: i[0], lambda i: i[1], cap=4)
+    assert got == [
+        [("a", 2), ("a", 2)],
+        [("a", 1), ("a", 3)],
+        [("a", 1)],
+        [("b", 1)],
+        [("b", 5)],
+        [("b", 1)],
+    ]
+
+
 def train_alone(tmp_path: Path, *overrides: str) -> dict:
     run_cli(*overrides, *FAST, "hydra.run.dir=lone", cwd=tmp_path)
     return read_metrics(tmp_path / "lone")

@@ -49,9 +49,13 @@ def groups(
     """items with equal key together, in order of first appearance, each group at most cap
     in total size (an item larger than cap alone)."""
     by_key: dict[Hashable, list[list[T]]] = {}
+    filled: dict[Hashable, int] = {}  # the size of each key's last group so far
     for item in items:
-        runs = by_key.setdefault(key(item), [[]])
-        if runs[-1] and sum(map(size, runs[-1])) + size(item) > cap:
+        k, n = key(item), size(item)
+        runs = by_key.setdefault(k, [[]])
+        if runs[-1] and filled[k] + n > cap:
             runs.append([])
+            filled[k] = 0
         runs[-1].append(item)
+        filled[k] = filled.get(k, 0) + n
     return [g for runs in by_key.values() for g in runs]
