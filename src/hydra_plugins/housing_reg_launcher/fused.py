@@ -53,7 +53,7 @@ class FusingLauncher(Launcher):
         parsed = [self.parse(o) for o in job_overrides]
         composed = self.compose_shapes(job_overrides, [shape for *_, shape in parsed])
         jobs = [
-            self.compose(initial_job_idx + i, o, *parse, composed)
+            self.compose(initial_job_idx + i, self.loaded(o, *parse, composed))
             for i, (o, parse) in enumerate(zip(job_overrides, parsed, strict=True))
         ]
         if not all(j.fuse.enabled and not j.hydra.job.chdir for j in jobs):
@@ -157,29 +157,20 @@ class FusingLauncher(Launcher):
         shape: tuple,
         composed: dict[tuple, tuple[tuple[str, ...], bytes]],
     ) -> DictConfig:
-        """The job's config exactly as load_sweep_config returns it: its shape's composition,
-        or derived from it."""
+        """The job's config as load_sweep_config returns it: the composition of its shape
+        (compose_shapes), or, for the other jobs of that shape, one derived from it: its
+        config copied, the job's values applied by Hydra's own function, and the two hydra
+        fields the overrides name recomputed as Hydra computes them (tests/test_fuse.py
+        compares every file with Hydra's own)."""
         first, base = composed[shape]
         if tuple(overrides) == first:
             return pickle.loads(base)
         values = [o for o, p in zip(parsed, plain, strict=True) if p]
         return derive(base, values, parsed, self.config)
 
-    def compose(
-        self,
-        idx: int,
-        overrides: Sequence[str],
-        parsed: list[Override],
-        plain: list[bool],
-        shape: tuple,
-        composed: dict[tuple, tuple[tuple[str, ...], bytes]],
-    ) -> DictConfig:
-        """The job's config as a launcher composes it, its output directory resolved here: the
-        composition of its shape (compose_shapes), or, for the other jobs of that shape, one
-        derived from it: its config copied, the job's values applied by Hydra's own function,
-        and the two hydra fields the overrides name recomputed as Hydra computes them
-        (tests/test_fuse.py compares every file with Hydra's own)."""
-        cfg = self.loaded(overrides, parsed, plain, shape, composed)
+    def compose(self, idx: int, cfg: DictConfig) -> DictConfig:
+        """The job's config (loaded) as a launcher makes it: numbered, its output directory
+        resolved here."""
         with open_dict(cfg):
             cfg.hydra.job.id = idx
             cfg.hydra.job.num = idx
@@ -230,18 +221,24 @@ def extended(cfg: DictConfig, more: list[str]) -> DictConfig:
     by `more`: overrides of plain settings, hydra's or the job's (none selects a config)."""
     extra = OverridesParser.create().parse_overrides(more)
     ConfigLoaderImpl._apply_overrides_to_config(extra, cfg)
+    task = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))
     with read_write(cfg.hydra), open_dict(cfg.hydra):
-        for o in extra:
-            cfg.hydra.overrides["hydra" if o.is_hydra_override() else "task"].append(o.input_line)
-        task = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))
-        names = cfg.hydra.job.config.override_dirname
-        cfg.hydra.job.override_dirname = get_overrides_dirname(
-            overrides=task,
-            kv_sep=names.kv_sep,
-            item_sep=names.item_sep,
-            exclude_keys=names.exclude_keys,
-        )
+        cfg.hydra.overrides.hydra.extend([o.input_line for o in extra if o.is_hydra_override()])
+        name_task(cfg, [*task, *(o for o in extra if not o.is_hydra_override())])
     return cfg
+
+
+def name_task(cfg: DictConfig, task: list[Override]) -> None:
+    """hydra.overrides.task and hydra.job.override_dirname for the job's own overrides (not
+    hydra's), as Hydra's _load_configuration_impl sets them."""
+    cfg.hydra.overrides.task = [o.input_line for o in task]
+    names = cfg.hydra.job.config.override_dirname
+    cfg.hydra.job.override_dirname = get_overrides_dirname(
+        overrides=task,
+        kv_sep=names.kv_sep,
+        item_sep=names.item_sep,
+        exclude_keys=names.exclude_keys,
+    )
 
 
 _ABSENT = object()
@@ -270,14 +267,7 @@ def derive(
     task = [o for o in overrides if not o.is_hydra_override()]
     ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     with read_write(cfg.hydra), open_dict(cfg.hydra):
-        cfg.hydra.overrides.task = [o.input_line for o in task]
-        names = cfg.hydra.job.config.override_dirname
-        cfg.hydra.job.override_dirname = get_overrides_dirname(
-            overrides=task,
-            kv_sep=names.kv_sep,
-            item_sep=names.item_sep,
-            exclude_keys=names.exclude_keys,
-        )
+        name_task(cfg, task)
     OmegaConf.copy_cache(from_config=master, to_config=cfg)
     return cfg
 
