@@ -200,9 +200,16 @@ def test_group_tasks_config_is_the_one_hydra_composes():
             assert OmegaConf.to_container(served) == OmegaConf.to_container(hydras)
             assert served.hydra.overrides.hydra[-2:] == task[1:]
             assert served.fuse.group == "/sweep/.fused/1/group.pkl"
-        # Any other overrides: composed by Hydra, as before.
+        # Any other overrides: composed by Hydra, as before; so are all where it is sent
+        # elsewhere with a launcher (pickled), without the configs it holds.
         other = Composed(loader, ready).load_sweep_config(master, ["head=relu"])
         assert other.head.name == "relu" and other.fuse.group is None
+        sent = pickle.loads(pickle.dumps(Composed(loader, ready)))
+        assert sent.ready == {} and [s.path for s in sent.get_sources()] == [
+            s.path for s in loader.get_sources()
+        ]
+        remote = sent.load_sweep_config(master, overrides + task)
+        assert OmegaConf.to_container(remote) == OmegaConf.to_container(hydras)
 
 
 @pytest.mark.parametrize("launcher", ["parallel"])

@@ -199,10 +199,14 @@ def compose_pickled(overrides: Sequence[str]) -> bytes:
 class Composed:
     """A launcher's config loader with some of its answers known already: load_sweep_config
     returns a copy of the config kept for those overrides, and asks the wrapped loader for any
-    other. Pickled with the launcher where it runs its tasks elsewhere (ray, slurm)."""
+    other. Pickled without them (a launcher that runs its tasks elsewhere, ray or slurm, may
+    send its loader with every task): a task composes its own config there, as Hydra would."""
 
     def __init__(self, loader: Any, ready: dict[tuple[str, ...], bytes]):
         self.loader, self.ready = loader, ready
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"loader": self.loader, "ready": {}}
 
     def load_sweep_config(self, master: DictConfig, overrides: list[str]) -> DictConfig:
         ready = self.ready.get(tuple(overrides))
