@@ -3,10 +3,11 @@
 Fusion sits in front of whichever launcher runs the sweep (basic, parallel, ray_cluster,
 slurm): FusingLauncher composes every job's config as Hydra would, groups the jobs that may
 train together (housing_reg.fuse), writes each group to SWEEP/.fused/K/group.pkl, and hands
-the inner launcher one task per group. The task (train.main with fuse.group set) writes each
-job's .hydra/ as Hydra's run_job does, trains the group, and returns one value per job; the
-launcher turns those back into one JobReturn per job, so Hydra, the Optuna sweeper and the
-sweep's summary see the jobs they asked for, numbered as Hydra numbers them.
+the inner launcher one task per group, whose config its loader serves composed already
+(Composed). The task (train.main with fuse.group set) writes each job's .hydra/ as Hydra's
+run_job does, trains the group, and returns one value per job; the launcher turns those back
+into one JobReturn per job, so Hydra, the Optuna sweeper and the sweep's summary see the jobs
+they asked for, numbered as Hydra numbers them.
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ class Composed:
 
 def extended(cfg: DictConfig, more: list[str]) -> DictConfig:
     """cfg, load_sweep_config's config for some overrides, as it would compose them followed
-    by `more`: overrides of plain settings, hydra's or the job's (none selects a config)."""
+    by `more`: overrides that set plain settings, hydra's or the job's, none of them choosing
+    a config of a group (which would change what is composed)."""
     extra = OverridesParser.create().parse_overrides(more)
     ConfigLoaderImpl._apply_overrides_to_config(extra, cfg)
     task = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))
