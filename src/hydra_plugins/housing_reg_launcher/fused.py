@@ -90,15 +90,17 @@ class FusingLauncher(Launcher):
                 shown = " ".join(filter_overrides(j.hydra.overrides.task))
                 log.info(f"\t#{j.hydra.job.num} : {shown}")
         # The inner launcher asks its config loader for each task's config: this one has them
-        # composed already (0.25 s a task saved), and asks Hydra for any other.
-        context = self.inner.hydra_context
-        self.inner.hydra_context = dataclasses.replace(
-            context, config_loader=Composed(context.config_loader, ready)
-        )
+        # composed already (0.25 s a task saved), and asks Hydra for any other. (Hydra's
+        # launchers keep the loader as hydra_context; one that does not composes as before.)
+        context = getattr(self.inner, "hydra_context", None)
+        if isinstance(context, HydraContext):
+            loader = Composed(context.config_loader, ready)
+            self.inner.hydra_context = dataclasses.replace(context, config_loader=loader)
         try:
             returns = self.inner.launch(launched, initial_job_idx)
         finally:
-            self.inner.hydra_context = context
+            if isinstance(context, HydraContext):
+                self.inner.hydra_context = context
         for group, r in zip(groups, returns, strict=True):
             if isinstance(r, NoResult):  # Slurm ended the group's task: each job's record
                 for j in group:
