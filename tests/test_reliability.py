@@ -4,8 +4,6 @@ and resume refuses a checkpoint that has trained past trainer.max_epochs."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from housing_reg.report import read_runs
@@ -38,9 +36,15 @@ def test_a_second_run_with_other_settings_never_replaces_a_finished_job(tmp_path
     runs = read_runs(tmp_path / "job", tmp_path)
     assert runs.status == "ok" and runs.settings["head.name"] == "none"
     assert runs.settings["optim.lr"] == 0.001
-    # The same settings again: a deterministic rerun, allowed.
-    run_cli(*FAST, "hydra.run.dir=job", cwd=tmp_path)
-    assert read_metrics(tmp_path / "job")["test/mae"] == json.loads(first)["test/mae"]
+    # The same settings again: refused too (it would put a second run beside the first in
+    # TensorBoard); resume=true keeps the finished job as it is.
+    proc = run_cli(*FAST, "hydra.run.dir=job", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert last_line(proc).startswith(f"error: {tmp_path / 'job'} holds a finished job with these")
+    assert "resume=true keeps it" in last_line(proc)
+    run_cli(*FAST, "resume=true", "hydra.run.dir=job", cwd=tmp_path)
+    assert (tmp_path / "job/metrics.json").read_text() == first
+    assert sorted(p.name for p in (tmp_path / "job").glob("events.*")) == events
 
 
 def test_resume_refuses_a_checkpoint_past_max_epochs_in_one_line(tmp_path):

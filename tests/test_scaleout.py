@@ -342,7 +342,9 @@ def test_optuna_minimizes_validation_mae_reproducibly(tmp_path: Path):
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(val))
 
 
-def test_jobs_run_in_one_process_do_not_pile_up(make_cfg, monkeypatch: pytest.MonkeyPatch):
+def test_jobs_run_in_one_process_do_not_pile_up(
+    make_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     """Optuna trials and basic-launcher jobs share a process: each job must be freed."""
     models, original = [], train_module.build_model
 
@@ -352,8 +354,8 @@ def test_jobs_run_in_one_process_do_not_pile_up(make_cfg, monkeypatch: pytest.Mo
         return model
 
     monkeypatch.setattr(train_module, "build_model", build_model)
-    for _ in range(2):
-        train_module.train(make_cfg("data.batch_size=64", *TINY))
+    for i in range(2):
+        train_module.train(make_cfg("data.batch_size=64", *TINY, output_dir=tmp_path / str(i)))
     gc.collect()
     assert [m() for m in models] == [None, None]
 

@@ -112,10 +112,14 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def write_failure(out: Path, status: str, error: BaseException, config: dict[str, Any]) -> None:
-    """failure.json beside whatever the job already holds (a good metrics.json stays)."""
+def write_failure(
+    out: Path, status: str, error: BaseException, config: dict[str, Any], retry: bool = True
+) -> None:
+    """failure.json beside whatever the job already holds (a good metrics.json stays). retry:
+    whether running it again might end otherwise (not for refused settings or a diverged
+    fit); the sweep's summary offers the rerun command only then."""
     record = {"status": status, "error": f"{type(error).__name__}: {error}", "config": config}
-    write_json(out / "failure.json", record)
+    write_json(out / "failure.json", record | {"retry": retry})
 
 
 # -- the one reader ------------------------------------------------------------------------
@@ -130,6 +134,7 @@ class JobState:
     reason: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     note: str = ""  # e.g. a later retry failed while an earlier result stands
+    retry: bool = True  # whether running it again might end otherwise (write_failure)
 
     def replicas(self) -> list[dict[str, Any]]:
         """Per replica: seed, final metrics, test predictions and per-epoch curves."""
@@ -176,7 +181,8 @@ def read_state(path: Path) -> JobState:
         return JobState(path, "ok", metrics=m, note=note)
     if isinstance(failure, dict):
         status = str(failure.get("status", "failed"))
-        return JobState(path, status, str(failure.get("error", "unknown error")))
+        error = str(failure.get("error", "unknown error"))
+        return JobState(path, status, error, retry=failure.get("retry", True) is not False)
     if failure_file.exists():
         return JobState(path, "broken", "failure.json is unreadable")
     return JobState(path, "incomplete", "no metrics.json (still running, or killed)")

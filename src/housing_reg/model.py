@@ -38,14 +38,12 @@ def denormals_flushed() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n while fitting, then restored: the next fit in the
-    process starts from the threads the process has (train.fit_threads chooses n where the
-    numbers do not depend on it)."""
+def intra_op_threads() -> Iterator[Callable[[int], None]]:
+    """Yields torch.set_num_threads for a fit (train.py: cores.Watch sets the threads as it
+    trains), and restores the process's threads after it: the next fit starts from those."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
     try:
-        yield
+        yield torch.set_num_threads
     finally:
         torch.set_num_threads(before)
 

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg import cli, fuse, memory, startup
+from housing_reg import cli, cores, fuse, memory, startup
 from housing_reg.data import FitData, RegressionData
 from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
 from housing_reg.model import (
@@ -75,7 +75,7 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
             except Exception as e:  # reported now, before any job of the group trains
                 refused(cfgs, cfg, e)
                 outcomes[i] = e
-        cap = max(cfgs[0].fuse.max_replicas, 1) if cfgs else 1
+        cap = fuse.cap(cfgs[0].fuse.max_replicas) if cfgs else 1
         fits = []
         for jobs in fuse.groups(ready, fit_key, lambda j: j.cfg.model.replicas, cap):
             try:  # each job alone fits (prepare): does the fit of them all?
@@ -93,12 +93,16 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
     for n, jobs in enumerate(fits, 1):
         try:
             try:
-                if len(cfgs) > 1:
-                    models = sum(j.cfg.model.replicas for j in jobs)
-                    log.info("fit %d of %d: %d jobs, %d models", n, len(fits), len(jobs), models)
                 # With-blocks, not decorators: Ray pickles this module's code by value.
-                with denormals_flushed(), intra_op_threads(fit_threads(jobs)):
-                    fitted = fit(jobs)
+                with denormals_flushed(), intra_op_threads() as set_threads:
+                    threads = cores.Watch(fit_threads(jobs), set_threads, threads_changed)
+                    if len(cfgs) > 1:
+                        models = sum(j.cfg.model.replicas for j in jobs)
+                        log.info(
+                            "fit %d of %d: %d jobs, %d models, %d thread(s)",
+                            *(n, len(fits), len(jobs), models, threads.current),
+                        )
+                    fitted = fit(jobs, threads)
                 for job, outcome in zip(jobs, fitted, strict=True):
                     outcomes[job.index] = outcome
             except KeyboardInterrupt:  # between fits
@@ -115,10 +119,11 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
 
 
 def refused(cfgs: Sequence[DictConfig], cfg: DictConfig, e: Exception) -> None:
-    """A job of a group that will not train is logged as it is found; a lone job's error is
-    cli.py's one line alone."""
+    """A job of a group that will not train is logged as it is found, and only then
+    (`reported`: cli.run_jobs says no more of it); a lone job's error is cli.py's one line."""
     if len(cfgs) > 1:
         log.error("job %s will not train: %s", Path(str(cfg.output_dir)).name, e)
+        e.reported = True
 
 
 def prepare(index: int, cfg: DictConfig) -> Prepared:
@@ -156,12 +161,14 @@ GRAIN = 32768
 
 
 def fit_threads(jobs: list[Prepared]) -> int:
-    """A lone job trains on its `threads`; a fit of several jobs on theirs together, within
-    the threads this process has (torch's default: the cores it may use; a parallel
-    launcher's worker: its share). A 64-wide layer of one model gains nothing from a second
-    thread; the stacked layers of a fused fit do (docs/speed.md). Only where no job's head
-    sees more than GRAIN elements at once: then every op a job's numbers depend on rounds
-    alike on any number of threads (the study's 1,120 MAEs: 0 differ)."""
+    """The threads a fit wants: a lone job its `threads`; a fit of several jobs theirs
+    together, within the threads this process has (torch's default: the cores it may use; a
+    parallel launcher's worker: its share). A 64-wide layer of one model gains nothing from a
+    second thread; the stacked layers of a fused fit do (docs/speed.md). Only where no job's
+    head sees more than GRAIN elements at once: then every op a job's numbers depend on rounds
+    alike on any number of threads (the study's 1,120 MAEs: 0 differ), so cores.Watch may
+    take threads away and give them back while it trains, whenever other programs want the
+    cores."""
     own = jobs[0].cfg.threads  # the same for every job of a fit (fit_key)
     if len(jobs) == 1 or max(map(head_elements, jobs)) > GRAIN:
         return own
@@ -175,7 +182,21 @@ def head_elements(job: Prepared) -> int:
     return job.cfg.model.replicas * max(data.batch_size, min(rows, data.eval_batch_size))
 
 
-def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
+def threads_changed(n: int, taken: float) -> None:
+    log.info("training on %d thread(s): other programs use %.1f of this fit's cores", n, taken)
+
+
+class Threads(L.Callback):
+    """Looks at the cores again before each block of steps (cores.Watch: every 0.25 s)."""
+
+    def __init__(self, watch: cores.Watch):
+        self.watch = watch
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.watch.check()
+
+
+def fit(jobs: list[Prepared], threads: cores.Watch) -> list[dict[str, Any] | BaseException]:
     """Train and test jobs as the replicas of one fit. Ctrl-C raises cli.NotStarted until the
     fit's first record (its jobs' TensorBoard hyperparameters), cli.Interrupted after it."""
     first = jobs[0].cfg
@@ -201,6 +222,7 @@ def fit(jobs: list[Prepared]) -> list[dict[str, Any] | BaseException]:
         logger=False,  # each job logs to its own TensorBoard run (JobRecorder)
         callbacks=[
             recorder,
+            Threads(threads),
             *(create(c) for c in first.callbacks.values() if c is not None),
         ],
         plugins=[
@@ -316,8 +338,8 @@ def already_finished(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def check_not_replacing(cfg: DictConfig) -> None:
-    """A run into a finished job's directory with other settings (and no resume=true) would
-    replace its results and mix two runs' curves in TensorBoard: refused, in one line."""
+    """A run into a finished job's directory (without resume=true) would replace its results
+    and put a second run's curves beside the first in TensorBoard: refused, in one line."""
     if cfg.resume or cfg.ckpt_path:
         return
     job = read_state(Path(cfg.output_dir))
@@ -331,6 +353,11 @@ def check_not_replacing(cfg: DictConfig) -> None:
             "another directory (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep), or "
             "resume=true with the settings it was trained with"
         )
+    raise ConfigError(
+        f"{cfg.output_dir} holds a finished job with these settings; resume=true keeps it (and "
+        "trains only if trainer.max_epochs grew), or train into another directory "
+        "(hydra.run.dir=..., or hydra.sweep.dir=... for a sweep)"
+    )
 
 
 def checkpoint_to_resume(

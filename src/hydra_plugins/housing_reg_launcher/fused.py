@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf._utils import get_omega_conf_dumper
 
 from housing_reg import forking, fuse, startup
+from housing_reg.sweep import check_job_dirs
 from hydra_plugins.housing_reg_launcher.slurm import NoResult, record_lost_job
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class FusingLauncher(Launcher):
 
     def __init__(self, inner: Launcher, hydra_context: HydraContext, config: DictConfig):
         self.inner, self.hydra_context, self.config = inner, hydra_context, config
+        self.dirs: list[str] = []  # every job directory launched so far
 
     def setup(self, **kwargs: Any) -> None:  # the inner launcher is set up already
         pass
@@ -57,9 +59,14 @@ class FusingLauncher(Launcher):
             self.compose(initial_job_idx + i, self.loaded(o, *parse, composed))
             for i, (o, parse) in enumerate(zip(job_overrides, parsed, strict=True))
         ]
+        # Before anything trains, fused or not: one directory per job, none finished already
+        # unless resumed. The batches an Optuna sweeper hands over one by one count together.
+        dirs = [str(j.hydra.runtime.output_dir) for j in jobs]
+        check_job_dirs([*self.dirs, *dirs], [True] * len(self.dirs) + [j.resume for j in jobs])
+        self.dirs += dirs
         if not all(j.fuse.enabled and not j.hydra.job.chdir for j in jobs):
             return self.inner.launch(job_overrides, initial_job_idx)  # exactly Hydra's
-        cap = max(int(jobs[0].fuse.max_replicas), 1)
+        cap = fuse.cap(jobs[0].fuse.max_replicas)
         tasks = {id(j): task_config(j) for j in jobs}  # each job's, as Hydra hands it over
         groups = fuse.groups(
             jobs,
