@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hydra_plugins.housing_reg_launcher.slurm import NoResult, collect
+from housing_reg.lost import NoResult
+from hydra_plugins.housing_reg_launcher.slurm import collect
 
 from conftest import need
 

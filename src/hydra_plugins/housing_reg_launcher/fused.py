@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf._utils import get_omega_conf_dumper
 
 from housing_reg import forking, fuse, startup
+from housing_reg.lost import NoResult, record_lost_job
 from housing_reg.sweep import check_job_dirs
-from hydra_plugins.housing_reg_launcher.slurm import NoResult, record_lost_job
 
 log = logging.getLogger(__name__)
 GROUPS = ".fused"  # SWEEP/.fused/K: each group's pickled job configs and its task's log

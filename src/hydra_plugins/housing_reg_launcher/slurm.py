@@ -37,7 +37,6 @@ import contextlib
 import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
+
+from housing_reg.lost import NoResult, record_lost_job, report_lost
 
 try:  # the `slurm` extra; the plugin's classes and submitit's, pinned in pyproject.toml
     import submitit
@@ -60,16 +61,6 @@ except ImportError:  # see the end of the docstring
     SubmititSlurmLauncher = SlurmLauncher = None
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class NoResult(JobReturn):
-    """Stands in for a job that Slurm ended without a result, so that the sweep goes on."""
-
-    job_dir: str = ""
-    slurm_id: str = ""
-    state: str = ""
-    log: str = ""
 
 
 def collect(jobs: Sequence[Any], watcher: Any, result_wait_s: float) -> list[JobReturn]:
@@ -138,41 +129,6 @@ def job_dir(launcher: Any, overrides: list[str], number: int) -> Path:
     with open_dict(config.hydra.job):
         config.hydra.job.num = number
     return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-
-
-def record_lost_job(job: NoResult) -> None:
-    """failure.json for a job that left no record of its own: it never started, or was killed."""
-    from housing_reg.jobdir import write_json  # imports torch: not at plugin-scan time
-
-    path = Path(job.job_dir)
-    if (path / "metrics.json").exists() or (path / "failure.json").exists():
-        return
-    started = (path / ".hydra").is_dir()  # Hydra writes it as the job starts
-    if not started:  # say what it would have run, as Hydra would have
-        (path / ".hydra").mkdir(parents=True)
-        OmegaConf.save(OmegaConf.create(list(job.overrides or [])), path / ".hydra/overrides.yaml")
-    when = "while it ran" if started else "before it started"
-    write_json(
-        path / "failure.json",
-        {
-            "status": job.state.lower(),
-            "error": f"Slurm job {job.slurm_id} ended {job.state} {when}"
-            + (f"; see {job.log}" if job.log else ""),
-            "config": None,
-            "slurm_job_id": job.slurm_id,
-            "slurm_state": job.state,
-        },
-    )
-
-
-def report_lost(jobs: Sequence[NoResult]) -> None:
-    if not jobs:
-        return
-    lines = [f"Slurm ended {len(jobs)} job(s) without a result:"]
-    for job in jobs:
-        log_file = f"; its log: {job.log}" if job.log else ""
-        lines.append(f"  {Path(job.job_dir).name}: Slurm job {job.slurm_id} {job.state}{log_file}")
-    print("\n".join(lines), file=sys.stderr)
 
 
 if SubmititSlurmLauncher is not None:
