@@ -171,45 +171,33 @@ def test_group_file_holds_composed_configs(tmp_path: Path):
     assert [int(g.hydra.job.num) for g in group] == [0, 1]
 
 
-def test_group_tasks_config_is_the_one_hydra_composes():
-    """The inner launcher is handed each group task's config composed already (fused.py:
-    Composed, extended), from its first job's config, composed or derived; it equals Hydra's
-    own composition of the task's overrides, every key of it, hydra's included."""
+def test_a_derived_job_config_is_the_one_hydra_composes():
+    """The sweeper composes the first job of each shape with Hydra and derives the others
+    (fused.derive: the job's values set with OmegaConf.update, its task overrides and
+    override_dirname written as Hydra writes them): every key equals Hydra's own
+    composition, hydra's included, for values of several types and an excluded key."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from hydra_plugins.housing_reg_launcher.fused import Composed, derive, extended
+    from hydra_plugins.housing_reg_launcher.fused import derive
 
-    task = ["fuse.group='/sweep/.fused/1/group.pkl'", "hydra.sweep.subdir=.fused/1"]
-    task.append("hydra.output_subdir=null")
     with initialize_config_module("housing_reg.conf", version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        master = loader.load_configuration(
-            "config", ["head=relu,tanh", "seed=3,4", "hydra.job.chdir=false"], RunMode.MULTIRUN
-        )
-        first = ["head=tanh", "seed=3"]
+        sweep = ["head=relu,tanh", "seed=3,4", "optim.lr=0.001,0.01", "hydra.job.chdir=false"]
+        master = loader.load_configuration("config", sweep, RunMode.MULTIRUN)
+        first = ["head=tanh", "seed=3", "optim.lr=0.001", "fuse.enabled=true"]
         composed = loader.load_sweep_config(master, first)
-        parsed = OverridesParser.create().parse_overrides(["head=tanh", "seed=4"])
-        derived = derive(pickle.dumps(composed), parsed[1:], parsed, master)
-        for job, overrides in ((composed, first), (derived, ["head=tanh", "seed=4"])):
-            ready = {tuple(overrides + task): pickle.dumps(extended(job, task))}
-            served = Composed(loader, ready).load_sweep_config(master, overrides + task)
-            hydras = loader.load_sweep_config(master, overrides + task)
-            assert OmegaConf.to_container(served) == OmegaConf.to_container(hydras)
-            assert served.hydra.overrides.hydra[-2:] == task[1:]
-            assert served.fuse.group == "/sweep/.fused/1/group.pkl"
-        # Any other overrides: composed by Hydra, as before; so are all where it is sent
-        # elsewhere with a launcher (pickled), without the configs it holds.
-        other = Composed(loader, ready).load_sweep_config(master, ["head=relu"])
-        assert other.head.name == "relu" and other.fuse.group is None
-        sent = pickle.loads(pickle.dumps(Composed(loader, ready)))
-        assert sent.ready == {} and [s.path for s in sent.get_sources()] == [
-            s.path for s in loader.get_sources()
-        ]
-        remote = sent.load_sweep_config(master, overrides + task)
-        assert OmegaConf.to_container(remote) == OmegaConf.to_container(hydras)
+        for job in (
+            ["head=tanh", "seed=4", "optim.lr=0.01", "fuse.enabled=false"],
+            ["head=tanh", "seed=3", "optim.lr=1e-2", "fuse.enabled=true"],
+        ):
+            parsed = OverridesParser.create().parse_overrides(job)
+            derived = derive(pickle.dumps(composed), parsed[1:], parsed, master)
+            hydras = loader.load_sweep_config(master, job)
+            assert OmegaConf.to_container(derived) == OmegaConf.to_container(hydras), job
+            assert derived.hydra.job.override_dirname == hydras.hydra.job.override_dirname
 
 
 @pytest.mark.parametrize("launcher", ["parallel"])

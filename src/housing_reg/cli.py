@@ -125,6 +125,7 @@ def register_launchers() -> None:
     plugins = Plugins.instance()  # the scan runs first, so what it imported stays imported
     plugins.register(ForkLauncher)
     plugins.register(fused.FusedSweeper)
+    plugins.register(fused.FusingLauncher)
     if fused.FusedOptunaSweeper is not None:
         plugins.register(fused.FusedOptunaSweeper)
     # Imported after the scan: the class registered is the one its jobs unpickle. It also

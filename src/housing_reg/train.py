@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg import cli, cores, fuse, memory, startup
+from housing_reg import cli, cores, fuse, group, memory, startup
 from housing_reg.data import FitData, RegressionData
 from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
 from housing_reg.model import (
@@ -30,7 +30,6 @@ from housing_reg.model import (
 )
 from housing_reg.record import FitRecorder, JobCheckpoints, JobRecorder, training_settings
 from housing_reg.settings import ConfigError, check_config, create
-from hydra_plugins.housing_reg_launcher import fused
 
 log = logging.getLogger(__name__)
 
@@ -418,8 +417,8 @@ def differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -
 
 @hydra.main(version_base="1.3", config_path="pkg://housing_reg.conf", config_name="config")
 def main(cfg: DictConfig) -> float | dict[int, float | None] | None:
-    if cfg.fuse.group:  # a fused sweep's task: several jobs (hydra_plugins/.../fused.py)
-        return fused.run_group(cfg.fuse.group, lambda cfgs: cli.run_jobs(train_jobs, cfgs))
+    if cfg.fuse.group:  # a fused sweep's task: several jobs (group.py)
+        return group.run_group(cfg.fuse.group, lambda cfgs: cli.run_jobs(train_jobs, cfgs))
     return cli.run_job(train, cfg)
 
 
