@@ -27,7 +27,6 @@ import yaml
 from hydra import compose, initialize_config_module
 
 import housing_reg.train as train_module
-from housing_reg.cli import register_launchers
 from housing_reg.scaleout import is_loopback, prepare_ray_env
 
 from conftest import job_dirs, need, read_metrics, run_cli, scalars
@@ -288,7 +287,6 @@ def test_submitit_local_sweep(tmp_path: Path):
 
 def test_slurm_preset_settings_are_overridable():
     need("hydra_plugins.hydra_submitit_launcher", "slurm")
-    register_launchers()  # as the CLI does: stores hydra/launcher/schema/slurm
     with initialize_config_module("housing_reg.conf", version_base="1.3"):
         cfg = compose(
             "config",

@@ -20,7 +20,6 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
-from hydra.core.plugins import Plugins
 from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +28,6 @@ from housing_reg import startup
 from housing_reg.jobdir import write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
 from housing_reg.sweep import Sweep, release, resume_args, summarize, unlock
-from hydra_plugins.housing_reg_launcher import ForkLauncher, fused
 
 log = logging.getLogger("housing_reg")
 
@@ -52,7 +50,6 @@ class NotStarted(Interrupted):
 def start(main: Callable[[], Any]) -> None:
     """`python -m housing_reg.train`: a one-line check of group choices, then Hydra's app."""
     sys.argv[1:] = quote_paths(sys.argv[1:])
-    register_launchers()
     startup.set_describe(describe_ctrl_c)
     try:
         check_modes(sys.argv[1:])
@@ -116,25 +113,6 @@ def non_ascii_hint(args: list[str]) -> str:
     if value[:1] in "'\"":
         return ""
     return f"; a non-ASCII value must be quoted: '{key}=\"{value}\"'"
-
-
-def register_launchers() -> None:
-    """This package's launchers: hydra/launcher=parallel's and, with the `slurm` extra,
-    hydra/launcher=slurm's. An editable install hides src/hydra_plugins from Hydra's own plugin
-    scan, so they are registered here (a no-op when the scan found them)."""
-    plugins = Plugins.instance()  # the scan runs first, so what it imported stays imported
-    plugins.register(ForkLauncher)
-    plugins.register(fused.FusedSweeper)
-    plugins.register(fused.FusingLauncher)
-    if fused.FusedOptunaSweeper is not None:
-        plugins.register(fused.FusedOptunaSweeper)
-    # Imported after the scan: the class registered is the one its jobs unpickle. It also
-    # stores the launcher's schema (hydra/launcher/schema/slurm); without the extra it
-    # defines nothing.
-    from hydra_plugins.housing_reg_launcher import slurm
-
-    if slurm.SlurmLauncher is not None:
-        plugins.register(slurm.SlurmLauncher)
 
 
 def stopped(reason: str) -> None:
