@@ -13,7 +13,8 @@ import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from housing_reg.train import GRAIN, fit_threads, head_elements, prepare, train
+from housing_reg.kernels import GRAIN
+from housing_reg.train import fit_threads, head_elements, prepare, train
 
 from conftest import FAST, job_dirs, need, read_metrics, run_cli, scalars
 

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg import cli, cores, fuse, group, memory, startup
+from housing_reg import cli, cores, fuse, group, kernels, memory, startup
 from housing_reg.data import FitData, RegressionData
 from housing_reg.jobdir import CHECKPOINT, load_checkpoint, read_state
 from housing_reg.model import (
@@ -144,19 +144,23 @@ def shapes(data: RegressionData) -> dict[str, tuple[int, ...]]:
 
 def fit_key(job: Prepared) -> tuple:
     """Jobs share a fit when fuse.py allows it, their splits have the same sizes (folds of
-    other sizes do not), they resume from the same epoch, their head learns nothing and no
-    schedule follows their own metric (plateau)."""
+    other sizes do not), they resume from the same epoch, their head learns nothing, no
+    schedule follows their own metric (plateau), and this torch's stacked matmul gives a
+    replica the same bits wherever it sits in the stack (kernels.stacks_exact)."""
     sizes = tuple(x.shape for x, _ in job.data.splits.values())
     learns = any(True for _ in job.head.parameters())
     plateau = job.cfg.lr_scheduler.name == "plateau"  # follows this job's own val/mae
-    alone = job.index if learns or plateau else None
+    alone = job.index if learns or plateau or not stackable(job) else None
     return fuse.fit_key(resolved(job.cfg)), sizes, job.progress, alone
 
 
-# PyTorch splits an elementwise op among threads only above this many elements
-# (at::internal::GRAIN_SIZE), and each part ends in its own scalar tail, which a sigmoid or
-# softplus rounds differently from its vectorized body: split otherwise, other last bits.
-GRAIN = 32768
+def stackable(job: Prepared) -> bool:
+    """Whether every call the job's layers make (a training step's rows, each evaluation
+    chunk's) gives a replica its bits wherever it sits in a stack."""
+    data = job.data
+    rows = {data.batch_size, *(min(len(x), data.eval_batch_size) for x, _ in data.splits.values())}
+    sizes = [data.num_features, *job.cfg.model.hidden, 1]
+    return kernels.stacks_exact(sorted(r for r in rows if r), sizes)
 
 
 def fit_threads(jobs: list[Prepared]) -> int:
@@ -164,14 +168,16 @@ def fit_threads(jobs: list[Prepared]) -> int:
     together, within the threads this process has (torch's default: the cores it may use; a
     parallel launcher's worker: its share). A 64-wide layer of one model gains nothing from a
     second thread; the stacked layers of a fused fit do (docs/speed.md). Only where no job's
-    head sees more than GRAIN elements at once: then every op a job's numbers depend on rounds
-    alike on any number of threads (the study's 1,120 MAEs: 0 differ), so cores.Watch may
+    head sees more than kernels.GRAIN elements at once and the probe confirms it on this
+    torch: then every op a job's numbers depend on rounds alike on any number of threads (the
+    study's 1,120 MAEs: 0 differ), so cores.Watch may
     take threads away and give them back while it trains, whenever other programs want the
     cores."""
     own = jobs[0].cfg.threads  # the same for every job of a fit (fit_key)
-    if len(jobs) == 1 or max(map(head_elements, jobs)) > GRAIN:
+    pooled = min(own * len(jobs), torch.get_num_threads())
+    if len(jobs) == 1 or pooled <= own or max(map(head_elements, jobs)) > kernels.GRAIN:
         return own
-    return max(own, min(own * len(jobs), torch.get_num_threads()))
+    return pooled if kernels.threads_keep_bits(pooled) else own
 
 
 def head_elements(job: Prepared) -> int:
