@@ -13,8 +13,10 @@ import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from housing_reg.fit import fit_threads, head_elements
 from housing_reg.kernels import GRAIN
-from housing_reg.train import fit_threads, head_elements, prepare, train
+from housing_reg.prepare import prepare
+from housing_reg.train import train
 
 from conftest import FAST, job_dirs, need, read_metrics, run_cli, scalars
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from housing_reg import kernels, train
+from housing_reg import fit, kernels, prepare
 from housing_reg.model import Heads, StackedMLP
 
 
@@ -78,22 +78,32 @@ def test_where_small_calls_are_not_checked_each_job_gets_its_own_call(monkeypatc
     assert heads.plan(1)[0] == [1, 1, 3]  # relu is exact by construction: still shared
 
 
+def prepared(make_cfg, tmp_path: Path, n: int) -> list[prepare.Prepared]:
+    return [
+        prepare.prepare(i, make_cfg(f"seed={i}", output_dir=tmp_path / str(i))) for i in range(n)
+    ]
+
+
 def test_where_threads_are_not_checked_a_fit_keeps_its_jobs_threads(
     make_cfg, tmp_path: Path, monkeypatch
 ):
-    jobs = [train.prepare(i, make_cfg(f"seed={i}", output_dir=tmp_path / str(i))) for i in range(3)]
+    jobs = [
+        prepare.prepare(i, make_cfg(f"seed={i}", output_dir=tmp_path / str(i))) for i in range(3)
+    ]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert train.fit_threads(jobs) == 2
+        assert fit.fit_threads(jobs) == 2
         monkeypatch.setattr(kernels, "threads_keep_bits", lambda n: False)
-        assert train.fit_threads(jobs) == 1
+        assert fit.fit_threads(jobs) == 1
     finally:
         torch.set_num_threads(before)
 
 
 def test_where_stacks_are_not_checked_each_job_trains_alone(make_cfg, tmp_path: Path, monkeypatch):
-    jobs = [train.prepare(i, make_cfg(f"seed={i}", output_dir=tmp_path / str(i))) for i in range(2)]
-    assert train.fit_key(jobs[0]) == train.fit_key(jobs[1])  # they share a fit
+    jobs = [
+        prepare.prepare(i, make_cfg(f"seed={i}", output_dir=tmp_path / str(i))) for i in range(2)
+    ]
+    assert prepare.fit_key(jobs[0]) == prepare.fit_key(jobs[1])  # they share a fit
     monkeypatch.setattr(kernels, "stacks_exact", lambda rows, sizes: False)
-    assert train.fit_key(jobs[0]) != train.fit_key(jobs[1])  # each its own
+    assert prepare.fit_key(jobs[0]) != prepare.fit_key(jobs[1])  # each its own

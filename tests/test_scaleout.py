@@ -26,6 +26,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
+import housing_reg.fit as fit_module
 import housing_reg.train as train_module
 from housing_reg.scaleout import is_loopback, prepare_ray_env
 
@@ -344,14 +345,14 @@ def test_jobs_run_in_one_process_do_not_pile_up(
     make_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     """Optuna trials and basic-launcher jobs share a process: each job must be freed."""
-    models, original = [], train_module.build_model
+    models, original = [], fit_module.build_model
 
     def build_model(jobs, data):
         model = original(jobs, data)
         models.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_model)
+    monkeypatch.setattr(fit_module, "build_model", build_model)
     for i in range(2):
         train_module.train(make_cfg("data.batch_size=64", *TINY, output_dir=tmp_path / str(i)))
     gc.collect()

@@ -11,8 +11,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from housing_reg.data import FitData
+from housing_reg.fit import build_model
+from housing_reg.prepare import prepare
 from housing_reg.settings import create
-from housing_reg.train import build_model, prepare, train
+from housing_reg.train import train
 
 from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
 

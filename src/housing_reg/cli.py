@@ -27,24 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from housing_reg import startup
 from housing_reg.jobdir import write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
+from housing_reg.startup import Interrupted, NotStarted
 from housing_reg.sweep import Sweep, release, resume_args, summarize, unlock
 
 log = logging.getLogger("housing_reg")
-
-
-class Interrupted(RuntimeError):
-    """Ctrl-C or SIGTERM stopped training; checkpoints/last.ckpt holds the last whole epoch.
-    outcomes: of a fit of several jobs, what each job had come to (None: unfinished)."""
-
-    outcomes: list[Any] | None = None
-
-
-class NotStarted(Interrupted):
-    """Ctrl-C before any training started (reading data, building the model, Lightning's
-    set-up): nothing of the job was recorded, and nothing of its start is kept."""
-
-    def __init__(self) -> None:
-        super().__init__(startup.NOT_STARTED)
 
 
 def start(main: Callable[[], Any]) -> None:

@@ -16,8 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from housing_reg import startup
-
-GROUPS = ".fused"  # SWEEP/.fused/K: each group's pickled job configs and its task's log
+from housing_reg.jobdir import GROUPS
 
 
 def write(sweep_dir: Path, number: int, jobs: Sequence[DictConfig]) -> Path:

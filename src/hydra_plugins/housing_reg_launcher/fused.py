@@ -41,6 +41,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from housing_reg import forking, fuse, group
+from housing_reg.jobdir import GROUPS
 from housing_reg.lost import NoResult, record_lost_job
 from housing_reg.sweep import check_job_dirs
 
@@ -103,7 +104,7 @@ class FusingLauncher(Launcher):
                 [
                     *job_overrides[k - initial_job_idx],
                     f"fuse.group='{path}'",
-                    f"hydra.sweep.subdir={group.GROUPS}/{k}",
+                    f"hydra.sweep.subdir={GROUPS}/{k}",
                     "hydra.output_subdir=null",
                 ]
             )
