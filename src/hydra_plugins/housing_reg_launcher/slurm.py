@@ -9,10 +9,10 @@ launch() submits one job array through submitit, one task per override list, and
 runs its job on the node as hydra-submitit-launcher's jobs run (RunJob: the sweep's config
 composed for the overrides, hydra.job.id and num set, run_job; resubmitted by submitit when
 the job is preempted or, with max_num_timeout, times out). Then it collects every job itself
-(collect): hydra-submitit-launcher's job.results() raises UncompletedJobError for a job that
-Slurm ended before it returned a result (scancel, the time limit, out of memory, a node
-failure), and the driver stopped there with a traceback, before the jobs after it and before
-the sweep's summary. Here:
+(collect). hydra-submitit-launcher's own launcher waits on submitit's job.results(), which
+raises UncompletedJobError for a job that Slurm ended before it returned a result (scancel,
+the time limit, out of memory, a node failure): its driver stopped there with a traceback,
+before the jobs after it and before the sweep's summary. Here:
 
 - a job with a result returns it (job.results(), called once its result files exist);
 - a job Slurm ended without one returns a NoResult (return_value None, as a failed job of this
@@ -75,25 +75,9 @@ log = logging.getLogger(__name__)
 # job may be requeued). Any other state (COMPLETED, CANCELLED, TIMEOUT, OUT_OF_MEMORY,
 # NODE_FAIL, FAILED, BOOT_FAIL, DEADLINE, ...) means that the job ended.
 ACTIVE = frozenset(
-    {
-        "PENDING",
-        "CONFIGURING",
-        "RUNNING",
-        "COMPLETING",
-        "SUSPENDED",
-        "STOPPED",
-        "RESIZING",
-        "SIGNALING",
-        "STAGE_OUT",
-        "REQUEUED",
-        "REQUEUE_FED",
-        "REQUEUE_HOLD",
-        "SPECIAL_EXIT",
-        "RESV_DEL_HOLD",
-        "PREEMPTED",
-        "READY",
-        "UNKNOWN",
-    }
+    ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING")
+    + ("SUSPENDED", "STOPPED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SPECIAL_EXIT")
+    + ("RESV_DEL_HOLD", "PREEMPTED", "READY", "UNKNOWN")
 )
 
 
@@ -357,7 +341,8 @@ if SlurmQueueConf is not None:
         def __init__(self, poll_s: float = 600, result_wait_s: float = 15, **params: Any) -> None:
             self.poll_s = float(poll_s)
             self.result_wait_s = float(result_wait_s)
-            # The submitit_slurm keys (additional_parameters, setup: plain containers).
+            # The submitit_slurm keys, for submitit: additional_parameters and setup as a plain
+            # dict and list, as Hydra hands them over as DictConfig and ListConfig.
             self.params = {
                 k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                 for k, v in params.items()
@@ -369,16 +354,15 @@ if SlurmQueueConf is not None:
         def setup(
             self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
         ) -> None:
-            self.config, self.hydra_context, self.task_function = (
-                config,
-                hydra_context,
-                task_function,
-            )
+            self.config = config
+            self.hydra_context = hydra_context
+            self.task_function = task_function
 
         def launch(
             self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
         ) -> Sequence[JobReturn]:
             jobs = self.submit(job_overrides, initial_job_idx)
+            log.info(f"Slurm job {jobs[0].job_id.split('_')[0]}: {len(jobs)} task(s) submitted")
             watcher = SlurmWatcher([job.job_id for job in jobs], poll_s=self.poll_s)
             returns = collect(jobs, watcher, self.result_wait_s)
             lost_jobs = []
