@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from housing_reg.cli import quote_paths
+from housing_reg.argv import quote_paths
 from housing_reg.data import DataError, load_csv
 from housing_reg.jobdir import RECORD, job_of, load_checkpoint, write_json
 from housing_reg.model import Regressor, denormals_flushed, errors

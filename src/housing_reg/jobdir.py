@@ -1,6 +1,6 @@
 """What a job directory holds, the one reader of it, and its atomic writes.
 
-record.py writes a job directory during training, report.py, cli.py and evaluate read it; all
+record.py writes a job directory during training, report.py, sweep.py and evaluate read it; all
 import this module, which imports neither of them (nor Lightning).
 
 A job directory holds, once the job has finished:

@@ -343,7 +343,7 @@ class FusedSweeper(Sweeper):
 
 try:  # the `tune` extra: hparams_search=optuna, whose batches of trials fuse as well
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-except ImportError:  # without the extra, hparams_search=optuna names it (cli.check_choices)
+except ImportError:  # without the extra, hparams_search=optuna names it (argv.check_choices)
     FusedOptunaSweeper = None
 else:
 
