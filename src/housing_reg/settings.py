@@ -237,7 +237,7 @@ def check_lr_scheduler(cfg: DictConfig) -> None:
 def check_arguments(node: DictConfig, group: str) -> None:
     """Each key of a `_target_` node is an argument its class takes: `+optim.lrr=0.1` is a
     typo, which the optimizer would otherwise reject with a traceback."""
-    cls = get_class(node._target_)
+    cls = get_class(node["_target_"])
     params = inspect.signature(cls).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
@@ -245,7 +245,7 @@ def check_arguments(node: DictConfig, group: str) -> None:
         if not str(key).startswith("_") and key not in params:
             valid = [p for p in params if p not in ("self", "params")]
             raise ConfigError(
-                f"{group}.{key}: {node._target_} has no such setting; "
+                f"{group}.{key}: {node['_target_']} has no such setting; "
                 f"its settings are {', '.join(valid)}"
             )
 

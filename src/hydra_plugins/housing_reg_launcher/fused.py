@@ -213,7 +213,7 @@ def with_launcher(config: DictConfig, node: DictConfig) -> DictConfig:
     """A copy of config whose hydra.launcher is node."""
     copy = pickle.loads(pickle.dumps(config))
     with read_write(copy.hydra), open_dict(copy.hydra):
-        copy.hydra.launcher = node
+        OmegaConf.update(copy, "hydra.launcher", node, merge=False)
     return copy
 
 
