@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from housing_reg.csvfile import DIALECT
+
 METRICS = ("train/mae", "val/mae", "test/mae", "test/mse")
 CHECKPOINT = Path("checkpoints") / "last.ckpt"  # the resume point: rewritten every epoch
 # The model behind metrics.json: written as the job finishes, just before metrics.json, and
@@ -252,7 +254,7 @@ def training_settings(config: dict[str, Any]) -> dict[str, Any]:
     where output goes, how it is shown and how the job was (re)started."""
     settings = {k: v for k, v in config.items() if not is_bookkeeping(k)}
     if isinstance(settings.get("data"), dict):  # a file read as ever: older jobs lack these
-        defaults = {"delimiter": ",", "decimal": "."}
+        defaults = DIALECT
         settings["data"] = {
             k: v for k, v in settings["data"].items() if k not in defaults or v != defaults[k]
         }

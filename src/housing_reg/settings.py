@@ -15,8 +15,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg.csvfile import check_dialect
-from housing_reg.data import DataError, check_settings
+from housing_reg.csvfile import DIALECT, check_dialect
+from housing_reg.data import EVAL_BATCH_SIZE, DataError, check_settings
 from housing_reg.jobdir import RecordError
 
 
@@ -119,11 +119,13 @@ def check_config(cfg: DictConfig) -> None:
             d.fold,
             d.batch_size,
             d.steps_per_block,
-            d.get("eval_batch_size", 4096),
+            d.get("eval_batch_size", EVAL_BATCH_SIZE),
             d.target_scaling,
             d.target_range,
         )
-        check_dialect(d.get("delimiter", ","), d.get("decimal", "."))
+        check_dialect(
+            d.get("delimiter", DIALECT["delimiter"]), d.get("decimal", DIALECT["decimal"])
+        )
     except DataError as e:
         raise ConfigError(str(e)) from None
 
