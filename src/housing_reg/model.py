@@ -283,9 +283,7 @@ class Regressor(L.LightningModule):
             # afresh every step costs more than the step (scripts/bench.py).
             opt.zero_grad(set_to_none=False)
             self.manual_backward(loss)
-            if self.hparams.gradient_clip_val is not None:
-                self.clip_gradients_per_replica()
-            opt.step()
+            opt.step()  # clipped first, by Lightning's hook (on_before_optimizer_step)
             self._pending.append((pred.detach(), y))
         rows = sum(p.shape[1] for p, _ in self._pending)
         if self.metric_rows is not None and rows >= self.metric_rows:
@@ -299,30 +297,53 @@ class Regressor(L.LightningModule):
         self.metrics["train_mae"].update(*(self.unscale(t).squeeze(-1).T for t in (pred, true)))
         self.metrics["train_loss"].update(pred.squeeze(-1).T, true.squeeze(-1).T)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Lightning calls this inside each optimizer step, after its precision plugin has
+        unscaled the gradients (16-mixed) and before the step: where clipping belongs. Under
+        manual optimization Lightning clips nothing itself, so its hook is called here with
+        trainer.gradient_clip_val and _algorithm (train.py hands them to the model)."""
+        if self.hparams.gradient_clip_val is not None:
+            self.configure_gradient_clipping(
+                optimizer, self.hparams.gradient_clip_val, self.hparams.gradient_clip_algorithm
+            )
+
     @torch.no_grad()
-    def clip_gradients_per_replica(self) -> None:
-        """trainer.gradient_clip_val, as torch.nn.utils.clip_grad_norm_ / clip_grad_value_ do
-        it, but each replica by its own gradient norm: replica r stays the lone run with seed
-        + r. (Lightning's own clipping is not available under manual optimization.)"""
-        limit = self.hparams.gradient_clip_val
-        grads = [p.grad for p in self.net.parameters()]  # each stacked: (R, ...)
-        if self.hparams.gradient_clip_algorithm == "value":
-            for g in grads:
-                g.clamp_(-limit, limit)
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping hook, per replica: as torch.nn.utils.clip_grad_norm_ /
+        clip_grad_value_ do it, but each replica by its own gradient norm, so that replica r
+        stays the lone run with seed + r. Override it as Lightning documents."""
+        if gradient_clip_val is None:
             return
-        norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
-        factor = (limit / (norms + 1e-6)).clamp(max=1.0)  # (R,)
+        grads = [p.grad for p in self.net.parameters()]  # each stacked: (R, ...)
+        if gradient_clip_algorithm == "value":
+            for g in grads:
+                g.clamp_(-gradient_clip_val, gradient_clip_val)
+            return
+        norms = torch.stack([g.flatten(1).float().square().sum(1) for g in grads]).sum(0).sqrt()
+        factor = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)  # (R,)
         for g in grads:
-            g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
+            g.mul_(factor.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
 
     def on_train_epoch_end(self) -> None:
-        """Per replica: train MAE (target units), loss (scaled units), and whether finite."""
+        """Per replica: train MAE (target units), loss (scaled units), and whether finite; and
+        their means over the fit's replicas on Lightning's metric bus (trainer.callback_metrics,
+        what a fit-wide callback sees; each job's own callbacks see its own: record.JobView).
+        Not to the Trainer's loggers: it has none, each job logs to its own (record.py)."""
         if self._pending:
             self.update_train_metrics()
         self.results["train/finite"] = self._finite
         self.results["train/mae"] = self.compute("train_mae")
         self.results["train/loss"] = self.compute("train_loss")
         self.step_lr_scheduler()
+        self.log_dict(
+            {k: self.results[k].mean() for k in ("train/mae", "train/loss", "train/lr")},
+            logger=False,
+        )
 
     def compute(self, name: str) -> torch.Tensor:
         """A metric's per-replica value, shape (R,); then reset for the next epoch."""
@@ -361,6 +382,7 @@ class Regressor(L.LightningModule):
         value = self.compute("val_mae")
         if not self.trainer.sanity_checking:  # a sanity check sees only a few chunks
             self.results["val/mae"] = value
+            self.log("val/mae", value.mean(), logger=False)
 
     def on_test_epoch_start(self) -> None:
         self._test = []
