@@ -3,6 +3,7 @@ the config composes (compose API, `python -m`, an installed wheel) without any o
 
 import os
 import secrets
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -21,3 +22,25 @@ OmegaConf.register_new_resolver(
     lambda threads: max(1, (os.cpu_count() or 1) // int(threads)),
     replace=True,
 )
+
+# logger=mlflow: the store beside the jobs, the sweep's directory in a sweep (one store, a run
+# per job), the run's own for a lone run; each job's MLflow run named by its directory.
+
+
+def _runs_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    where = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir
+    return str(Path(str(where)).absolute())
+
+
+def _run_name() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(str(HydraConfig.get().runtime.output_dir)).name
+
+
+OmegaConf.register_new_resolver("housing_reg.store", _runs_dir, replace=True)
+OmegaConf.register_new_resolver("housing_reg.run_name", _run_name, replace=True)

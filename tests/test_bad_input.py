@@ -192,8 +192,8 @@ def test_unknown_group_options_list_the_valid_ones() -> None:
         ("hydra/launcher=nope",): "hydra/launcher=nope is not an available option; choose one "
         "of: basic",
         # null is no option (Hydra's own error is a traceback); the logger may be removed
-        ("logger=null",): "logger=null: choose one of: tensorboard; to train without it, remove "
-        "it: '~logger'",
+        ("logger=null",): "logger=null: choose one of: csv, many_loggers, mlflow, tensorboard; "
+        "to train without it, remove it: '~logger'",
         ("-m", "head=relu,null"): "head=null: choose one of: leaky_relu, none, relu",
     }
     for args, message in cases.items():
@@ -244,7 +244,11 @@ def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path: Path) -> None:
     text.write_text("not a checkpoint\n")
     cases += [  # each refused before training, in one line
         (["optim.lr=nan"], "error: optim.lr=nan must be a finite number", None),
-        (["logger=null"], "error: logger=null: choose one of: tensorboard;", None),
+        (
+            ["logger=null"],
+            "error: logger=null: choose one of: csv, many_loggers, mlflow, tensorboard;",
+            None,
+        ),
         (["model.hidden=[64.5]"], "error: model.hidden=[64.5] must be a non-empty list", None),
         (["+optim.lrr=0.1"], "error: optim.lrr: torch.optim.RMSprop has no such setting", None),
         (["+lrr=0.1"], "error: lrr: not a setting of housing_reg", None),

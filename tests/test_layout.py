@@ -111,6 +111,7 @@ LAYERS = [
     ],
     [
         "housing_reg",  # its __init__: the Ctrl-C guard and the cores' first look
+        "housing_reg.callbacks",
         "housing_reg.jobdir",
         "housing_reg.data",
         "housing_reg.images",

@@ -126,6 +126,8 @@ OPTIONAL = ("logger",)  # config groups a run may go without ('~logger': no Tens
 # Our presets that build on a plugin's config: the extra that brings it, and its module.
 PLUGIN_PRESETS = {
     "hparams_search=optuna": ("tune", "hydra_plugins.hydra_optuna_sweeper"),
+    "logger=mlflow": ("mlflow", "mlflow"),
+    "logger=many_loggers": ("mlflow", "mlflow"),
     "hydra/launcher=slurm": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
     "hydra/launcher=ray_cluster": ("ray", "hydra_plugins.hydra_ray_launcher"),
 }

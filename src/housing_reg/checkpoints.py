@@ -3,47 +3,74 @@ CheckpointIO plugin Lightning saves and loads through."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
-from housing_reg.jobdir import CHECKPOINT, RECORD, load_checkpoint, write_atomic
+from housing_reg.jobdir import CHECKPOINT, RECORD, RESULT_CHECKPOINT, load_checkpoint, write_atomic
 from housing_reg.record import JobRecorder
 
 SCALERS = ("x_shift", "x_scale", "y_shift", "y_scale")
 
 
 class JobCheckpoints(CheckpointIO):
-    """Lightning hands this plugin the fit's checkpoint; it writes each job's share to
-    JOB/checkpoints/last.ckpt as an ordinary one-job checkpoint (the job's replicas, its
-    scalers, its hyperparameters and recorder state), which evaluate and resume=true read as
-    they read a lone run's. Loading reads every job's own checkpoint and stacks them again.
-    The `path` Lightning passes is the first job's; each job's own path is used."""
+    """Lightning hands this plugin the fit's checkpoint; it writes a job's share of it as an
+    ordinary one-job checkpoint (the job's replicas, its scalers, its hyperparameters, its
+    recorder's and its callbacks' state), which evaluate and resume=true read as they read a
+    lone run's. Which jobs and where: the recorder's save (`writing`), each job's share to its
+    JOB/checkpoints/last.ckpt; a job's own callback saving through its JobView (a best
+    checkpoint), that job's share to the path it names. Loading reads every job's own
+    checkpoint and stacks them again."""
 
     def __init__(self, jobs: list[JobRecorder], resume_from: list[Path | None]):
         self.jobs, self.resume_from = jobs, resume_from
+        self.only: list[JobRecorder] | None = None
+
+    @contextlib.contextmanager
+    def writing(self, jobs: list[JobRecorder]) -> Iterator[None]:
+        """The saves inside write these jobs' shares to their last.ckpt."""
+        self.only = jobs
+        try:
+            yield
+        finally:
+            self.only = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options=None):
-        for i, job in enumerate(self.jobs):
-            if job.error is not None:
-                continue
-            share = job_share(checkpoint, self.jobs, i)
+        if self.only is not None:
+            targets = [(job, job.dir / CHECKPOINT) for job in self.only if job.error is None]
+        else:
+            targets = [(self.owner(Path(path)), Path(path))]
+        for job, target in targets:
+            share = job_share(checkpoint, self.jobs, self.jobs.index(job))
             try:
-                target = job.dir / CHECKPOINT
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(target, lambda tmp, share=share: tmp.write_bytes(to_bytes(share)))
             except OSError as e:
                 job.error = e
+
+    def owner(self, path: Path) -> JobRecorder:
+        """The job whose directory holds path."""
+        for job in self.jobs:
+            if path.absolute().is_relative_to(job.dir.absolute()):
+                return job
+        raise ValueError(f"{path}: a checkpoint belongs in its job's directory")
 
     def load_checkpoint(self, path: Any, map_location: Any = None, **kwargs: Any):
         saved = [load_checkpoint(p) for p in self.resume_from]
         return stack_shares(saved, self.jobs)
 
     def remove_checkpoint(self, path: Any) -> None:
-        pass  # each job keeps its own last checkpoint
+        """A job's callback drops a checkpoint it no longer keeps (a best checkpoint's
+        top-k); a job's last.ckpt and result.ckpt are the recorder's, and stay."""
+        path = Path(path)
+        job = self.owner(path)
+        if path.absolute() not in (job.dir / p for p in (CHECKPOINT, RESULT_CHECKPOINT)):
+            path.unlink(missing_ok=True)
 
 
 def job_share(ckpt: dict[str, Any], jobs: list[JobRecorder], i: int) -> dict[str, Any]:
@@ -51,7 +78,9 @@ def job_share(ckpt: dict[str, Any], jobs: list[JobRecorder], i: int) -> dict[str
     job, total = jobs[i], jobs[-1].replicas.stop
     share = dict(ckpt)
     share["hyper_parameters"] = job.hparams
-    share["callbacks"] = {RECORD: ckpt["callbacks"]["FitRecorder"]["jobs"][i]}
+    record = dict(ckpt["callbacks"]["FitRecorder"]["jobs"][i])
+    # Its callbacks' state beside its record, as Lightning keeps a Trainer's callbacks' state.
+    share["callbacks"] = {RECORD: record, **record.pop("callbacks", {})}
     if len(jobs) == 1:
         return share
 
@@ -73,7 +102,7 @@ def job_share(ckpt: dict[str, Any], jobs: list[JobRecorder], i: int) -> dict[str
 def stack_shares(shares: list[dict[str, Any]], jobs: list[JobRecorder]) -> dict[str, Any]:
     """The inverse of job_share: the jobs' checkpoints as one fit's."""
     fit = dict(shares[0])
-    fit["callbacks"] = {"FitRecorder": {"jobs": [s["callbacks"][RECORD] for s in shares]}}
+    fit["callbacks"] = {"FitRecorder": {"jobs": [record_of(s) for s in shares]}}
     if len(shares) == 1:
         return fit
 
@@ -111,3 +140,10 @@ def to_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def record_of(share: dict[str, Any]) -> dict[str, Any]:
+    """A job checkpoint's record with its callbacks' state (job_share's inverse)."""
+    saved = share["callbacks"]
+    own = {k: v for k, v in saved.items() if k != RECORD}
+    return saved[RECORD] | {"callbacks": own}

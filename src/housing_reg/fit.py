@@ -8,9 +8,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from housing_reg import cores, kernels, startup
+from housing_reg.callbacks import kind
 from housing_reg.checkpoints import JobCheckpoints
 from housing_reg.data import FitData
 from housing_reg.model import Heads, Regressor
@@ -72,28 +74,28 @@ def fit(jobs: list[Prepared], threads: cores.Watch) -> list[dict[str, Any] | Bas
         n = job.cfg.model.replicas
         hparams = model.hparams | {"replicas": n, "seed": job.cfg.seed}
         hparams["head_name"] = job.cfg.head.name
-        logger = create(job.cfg.logger) if job.cfg.get("logger") is not None else None
+        loggers = [create(node) for node in (job.cfg.get("logger") or {}).values() if node]
+        own = [c for c in job_callbacks(job.cfg) if kind(type(c)) != "fit-wide"]
         recorders.append(
-            JobRecorder(resolved(job.cfg), job.data, logger, slice(start, start + n), hparams)
+            JobRecorder(resolved(job.cfg), job.data, loggers, slice(start, start + n), hparams, own)
         )
         recorders[-1].checkpoint = job.resume_from  # the model as it stands before training
         start += n
     resume_from = [j.resume_from for j in jobs]
     trainer_cfg, checkpoints = trainer_settings(first)
-    recorder = FitRecorder(recorders, first.checkpoint_every if checkpoints else 0)
+    plugin = JobCheckpoints(recorders, resume_from)
+    recorder = FitRecorder(recorders, first.checkpoint_every if checkpoints else 0, plugin)
+    shown = [c for c in job_callbacks(first) if kind(type(c)) == "fit-wide"]  # the fit's own
     trainer: L.Trainer = create(
         trainer_cfg,
-        logger=False,  # each job logs to its own TensorBoard run (JobRecorder)
-        callbacks=[
-            recorder,
-            Threads(threads),
-            *(create(c) for c in first.callbacks.values() if c is not None),
-        ],
-        plugins=[
-            *create(first.trainer.get("plugins") or []),
-            JobCheckpoints(recorders, resume_from),
-        ],
+        logger=False,  # each job logs to its own loggers (JobRecorder)
+        callbacks=[recorder, Threads(threads), *shown],
+        plugins=[*create(first.trainer.get("plugins") or []), plugin],
         limit_val_batches=1.0 if data.has_validation else 0,  # 0: no validation loop at all
+        # Lightning's own bar where one is given (callbacks=rich_progress_bar); ours is no
+        # ProgressBar (progress.py), so trainer.enable_progress_bar stays false for it.
+        enable_progress_bar=bool(trainer_cfg.get("enable_progress_bar"))
+        or any(isinstance(c, ProgressBar) for c in shown),
     )
     startup.release()  # from here a Ctrl-C is Lightning's to handle: a graceful stop
     try:
@@ -120,6 +122,11 @@ def fit(jobs: list[Prepared], threads: cores.Watch) -> list[dict[str, Any] | Bas
             r.close()  # an unused logger would write an empty run into the job directory
     outcomes = {j.index: r.error or r.metrics for j, r in zip(jobs, recorders, strict=True)}
     return [outcomes[j.index] for j in sorted(jobs, key=lambda j: j.index)]
+
+
+def job_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The job's callbacks (conf/callbacks/), made anew: each job has its own."""
+    return [create(node) for node in cfg.callbacks.values() if node is not None]
 
 
 # Trainer arguments this package carries out itself (settings.check_trainer refuses the ones

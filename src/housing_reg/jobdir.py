@@ -262,6 +262,10 @@ def training_settings(config: dict[str, Any]) -> dict[str, Any]:
         settings["head"] = {k: v for k, v in settings["head"].items() if k != "range"}  # lack it
     trainer = config.get("trainer", {})
     settings["trainer"] = {
-        k: v for k, v in trainer.items() if k != "max_epochs" and not is_bookkeeping(f"trainer.{k}")
+        k: v
+        for k, v in trainer.items()
+        if k != "max_epochs"
+        and not is_bookkeeping(f"trainer.{k}")
+        and (k, v) != ("precision", "32-true")  # the default, which older jobs do not name
     }
     return settings

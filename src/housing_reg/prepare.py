@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from housing_reg import fuse, kernels, memory
+from housing_reg.callbacks import kind
 from housing_reg.data import RegressionData
 from housing_reg.model import replica_seeds
 from housing_reg.resume import check_not_replacing, checkpoint_to_resume, resolved
@@ -53,8 +55,19 @@ def fit_key(job: Prepared) -> tuple:
     sizes = tuple(x.shape for x, _ in job.data.splits.values())
     learns = any(True for _ in job.head.parameters())
     plateau = job.cfg.lr_scheduler.name == "plateau"  # follows this job's own val/mae
-    alone = job.index if learns or plateau or not stackable(job) else None
+    alone = job.index if learns or plateau or not stackable(job) or unfusable(job.cfg) else None
     return fuse.fit_key(resolved(job.cfg)), sizes, job.progress, alone
+
+
+def unfusable(cfg: DictConfig) -> list[str]:
+    """The job's callbacks that nothing says act on their own job alone (callbacks.kind): a
+    job with one trains in a fit of its own."""
+    nodes = [(name, node) for name, node in cfg.callbacks.items() if node is not None]
+    return [
+        f"callbacks.{name} ({cls.__name__})"
+        for name, node in nodes
+        if kind(cls := get_class(node["_target_"])) == "alone"
+    ]
 
 
 def stackable(job: Prepared) -> bool:

@@ -6,6 +6,7 @@ never a traceback from deep inside PyTorch or Lightning.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import re
@@ -62,6 +63,7 @@ TOP_LEVEL = {
     "resume",
     "ckpt_path",
     "fuse",
+    "test_ckpt",
 }
 
 
@@ -107,6 +109,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("ckpt_path is empty; point it at a job's checkpoints/last.ckpt")
     check_arguments(cfg.optim, "optim")
     check_fuse(cfg.fuse)
+    check_callbacks(cfg)
+    check_loggers(cfg)
     check_head_range(cfg.head)
     check_trainer(cfg.trainer)
     check_lr_scheduler(cfg)
@@ -234,6 +238,85 @@ def check_lr_scheduler(cfg: DictConfig) -> None:
             "share one optimizer, which cannot lower one replica's lr alone; sweep seeds "
             "instead (-m 'seed=range(10)' lr_scheduler=plateau) or use step or cosine"
         )
+
+
+def target(node: DictConfig, key: str, base: type, example: str) -> type:
+    """The class a node's _target_ names, which must be a `base`; else one line."""
+    name = node.get("_target_")
+    try:
+        cls = get_class(str(name))
+    except Exception:
+        raise ConfigError(
+            f"{key}._target_={name}: no such class; check the spelling (e.g. {example})"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{key}._target_={name} is not a {base.__module__}.{base.__name__}")
+    return cls
+
+
+def monitored(cfg: DictConfig) -> list[str]:
+    """The epoch metrics each job logs, which its callbacks can monitor (record.MONITORED)."""
+    d = cfg.data
+    validation = ["val/mae"] if d.num_folds >= 2 or d.val_fraction > 0 else []
+    return ["train/mae", "train/loss", *validation, "train/lr"]
+
+
+def check_callbacks(cfg: DictConfig) -> None:
+    """Each callback (conf/callbacks/): a Lightning callback that can work here, with the
+    settings its class takes, monitoring a metric the jobs log; and test_ckpt it can serve."""
+    from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+
+    from housing_reg.callbacks import refusal
+
+    checkpoints = []
+    for name, node in (cfg.callbacks or {}).items():
+        if node is None:
+            continue
+        key = f"callbacks.{name}"
+        cls = target(node, key, Callback, "lightning.pytorch.callbacks.EarlyStopping")
+        check_arguments(node, key)
+        settings = OmegaConf.to_container(node, resolve=False)
+        why = refusal(cls, settings, cfg.data.steps_per_block)
+        if why:
+            raise ConfigError(f"{key}: {cls.__name__} cannot work here: {why}")
+        monitor, mode = node.get("monitor"), node.get("mode")
+        if monitor is not None and monitor not in monitored(cfg):
+            hint = "" if monitor != "val/mae" else " (validation rows: data.val_fraction=0.2)"
+            raise ConfigError(
+                f"{key}.monitor={monitor}: no job logs it{hint}; monitor one of "
+                f"{', '.join(monitored(cfg))}"
+            )
+        if mode is not None and mode not in ("min", "max"):
+            raise ConfigError(f"{key}.mode={mode} must be min or max (val/mae: min)")
+        if issubclass(cls, LearningRateMonitor) and not cfg.get("logger"):
+            raise ConfigError(f"{key}: LearningRateMonitor writes to loggers; keep one: logger=csv")
+        if issubclass(cls, ModelCheckpoint) and monitor is not None:
+            checkpoints.append(key)
+    if cfg.test_ckpt not in ("last", "best"):
+        raise ConfigError(f"test_ckpt={cfg.test_ckpt} must be last or best")
+    if cfg.test_ckpt == "best" and not checkpoints:
+        raise ConfigError(
+            "test_ckpt=best tests the best model a checkpoint callback kept, and none keeps "
+            "one: add it, callbacks=[default,model_checkpoint]"
+        )
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """Each logger (conf/logger/): a Lightning logger with the settings its class takes,
+    whose library is installed."""
+    from lightning.pytorch.loggers import Logger, MLFlowLogger
+
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        key = f"logger.{name}"
+        cls = target(node, key, Logger, "lightning.pytorch.loggers.CSVLogger")
+        check_arguments(node, key)
+        if issubclass(cls, MLFlowLogger) and importlib.util.find_spec("mlflow") is None:
+            raise ConfigError(
+                f"{key} needs the `mlflow` extra: pip install -e '.[mlflow]' "
+                "(or EXTRAS=dev,mlflow ./run setup)"
+            )
 
 
 def check_arguments(node: DictConfig, group: str) -> None:

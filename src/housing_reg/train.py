@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from housing_reg import cli, cores, fuse, group, memory, runs, startup
 from housing_reg.fit import fit, fit_threads, threads_changed
 from housing_reg.model import denormals_flushed, intra_op_threads
-from housing_reg.prepare import fit_key, prepare, shapes
+from housing_reg.prepare import fit_key, prepare, shapes, unfusable
 from housing_reg.resume import already_finished
 from housing_reg.settings import ConfigError
 
@@ -55,6 +55,13 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
                 refused(cfgs, cfg, e)
                 outcomes[i] = e
         cap = fuse.cap(cfgs[0].fuse.max_replicas) if cfgs else 1
+        for job in ready if len(cfgs) > 1 else []:
+            if names := unfusable(job.cfg):
+                log.info(
+                    "job %s trains in a fit of its own: %s cannot be made per job in a fused fit",
+                    Path(str(job.cfg.output_dir)).name,
+                    ", ".join(names),
+                )
         fits = []
         for jobs in fuse.groups(ready, fit_key, lambda j: j.cfg.model.replicas, cap):
             try:  # each job alone fits (prepare): does the fit of them all?
