@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from housing_reg.jobdir import is_bookkeeping
@@ -61,12 +62,14 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+@pytest.mark.unit
 def test_the_import_graph_has_no_circle():
     graph = imports()
     assert {"housing_reg.record", "housing_reg.report", "housing_reg.jobdir"} <= set(graph)
     assert cycle(graph) is None, " -> ".join(cycle(graph))
 
 
+@pytest.mark.unit
 def test_nothing_used_while_training_reaches_up_to_the_report():
     graph = imports()
     for module in ("housing_reg.record", "housing_reg.figures", "housing_reg.train"):
@@ -74,11 +77,13 @@ def test_nothing_used_while_training_reaches_up_to_the_report():
     assert graph["housing_reg.jobdir"] == set()  # the job directory's one reader imports none
 
 
+@pytest.mark.unit
 def test_a_circle_is_found_when_there_is_one():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None
 
 
+@pytest.mark.unit
 def test_directory_names_leave_out_only_bookkeeping_keys():
     """conf/config.yaml's exclude_keys (what a sweep's job directories are not named by) and
     jobdir.BOOKKEEPING say the same thing: a key may be left out only if it is bookkeeping."""
@@ -87,6 +92,7 @@ def test_directory_names_leave_out_only_bookkeeping_keys():
     assert excluded and all(is_bookkeeping(k) for k in excluded), excluded
 
 
+@pytest.mark.cli
 def test_the_report_imports_neither_torch_nor_lightning():
     """The report reads files: importing Lightning (seconds) would be most of its time."""
     code = "import sys, housing_reg.report; print(sorted({'torch', 'lightning'} & {*sys.modules}))"

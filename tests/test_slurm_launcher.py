@@ -63,6 +63,7 @@ class FakeWatcher:
         return self.states.get(job_id, "PENDING")
 
 
+@pytest.mark.unit
 def test_collect_returns_one_result_per_job_in_order_and_stands_in_for_lost_ones(
     tmp_path: Path,
 ):
@@ -100,6 +101,7 @@ def test_collect_returns_one_result_per_job_in_order_and_stands_in_for_lost_ones
     assert done.job_id not in watcher.asked  # its result was there: Slurm was not asked
 
 
+@pytest.mark.unit
 def test_collect_does_not_depend_on_what_a_task_stands_for(tmp_path: Path):
     """Hydra's Launcher contract, whatever each override list means (a fused sweeper's task
     may stand for several jobs): as many returns as jobs, in submission order, even when a
@@ -135,6 +137,7 @@ def sacct_out(*rows: str) -> str:
     return "JobID|State|NodeList\n" + "".join(f"{r}\n" for r in rows)
 
 
+@pytest.mark.unit
 def test_watcher_asks_squeue_about_jobs_sacct_does_not_list(fake_slurm: Path):
     need("submitit", "slurm")
     from hydra_plugins.housing_reg_launcher.slurm import SqueueWatcher
@@ -167,6 +170,7 @@ def test_watcher_asks_squeue_about_jobs_sacct_does_not_list(fake_slurm: Path):
     assert len((fake_slurm / "squeue.args").read_text().splitlines()) == 1  # not again
 
 
+@pytest.mark.unit
 def test_watcher_learns_nothing_when_slurmctld_does_not_answer(fake_slurm: Path):
     need("submitit", "slurm")
     from hydra_plugins.housing_reg_launcher.slurm import SqueueWatcher
@@ -216,6 +220,7 @@ def scan(extra: str) -> tuple[dict, str]:
     return json.loads(proc.stdout.splitlines()[-1]), proc.stderr
 
 
+@pytest.mark.cli
 def test_without_the_extra_the_scan_passes_over_the_launcher_quietly():
     found, stderr = scan("without")
     assert "hydra_plugins.housing_reg_launcher.ForkLauncher" in found["scanned"]
@@ -223,6 +228,7 @@ def test_without_the_extra_the_scan_passes_over_the_launcher_quietly():
     assert "Error importing" not in stderr and "Hydra plugins scanner" not in stderr, stderr
 
 
+@pytest.mark.cli
 def test_with_the_extra_the_scan_and_the_cli_register_one_launcher():
     need("hydra_plugins.hydra_submitit_launcher", "slurm")
     found, stderr = scan("with")
@@ -232,6 +238,7 @@ def test_with_the_extra_the_scan_and_the_cli_register_one_launcher():
     assert "Error importing" not in stderr and "Hydra plugins scanner" not in stderr, stderr
 
 
+@pytest.mark.cli
 def test_without_the_extra_the_slurm_preset_names_the_extra(tmp_path: Path):
     proc = subprocess.run(
         [
