@@ -15,17 +15,17 @@ from conftest import FAST, replicas, scalars
 pytestmark = pytest.mark.unit
 
 
-def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
+@pytest.mark.parametrize(
+    "validation", [("data.val_fraction=0.2",), ("data.num_folds=2", "data.fold=1")]
+)
+def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path, validation):
+    """Replica 2 of a job with seed 10 is the lone run with seed 12, numbers and all: with a
+    validation fraction, and on a fold (where the report counts a (fold, seed) that two jobs
+    trained once, trusting them to agree)."""
     many = train(
-        make_cfg(
-            *FAST,
-            "model.replicas=3",
-            "seed=10",
-            "data.val_fraction=0.2",
-            output_dir=tmp_path / "many",
-        )
+        make_cfg(*FAST, "model.replicas=3", "seed=10", *validation, output_dir=tmp_path / "many")
     )
-    lone = train(make_cfg(*FAST, "seed=12", "data.val_fraction=0.2", output_dir=tmp_path / "lone"))
+    lone = train(make_cfg(*FAST, "seed=12", *validation, output_dir=tmp_path / "lone"))
     per_replica = replicas(tmp_path / "many")
     third = per_replica[2]
     assert third["seed"] == 12
