@@ -28,6 +28,7 @@ GRID = (
     "data.target_scaling=none,minmax",
 )
 SAME = ("replicas.csv", "predictions.csv")
+QUICK = (*FAST, "data.batch_size=32")  # 13 steps an epoch
 
 
 def table(stdout: str) -> list[str]:
@@ -98,7 +99,7 @@ def test_replicas_per_job_and_the_cap(make_cfg, tmp_path: Path, caplog):
     """model.replicas=K gives K replicas per job; fuse.max_replicas splits bigger fits (the
     sweeper's groups too: test_fused_groups_run_under_another_launcher)."""
     caplog.set_level(logging.INFO, logger="housing_reg.train")
-    args = ("model.replicas=2", *FAST, "fuse.max_replicas=4")
+    args = ("model.replicas=2", *FAST, "data.batch_size=32", "fuse.max_replicas=4")
     heads = ("head=none", "head=tanh", "head=relu")
     outcomes = train_jobs([make_cfg(h, *args, output_dir=tmp_path / h) for h in heads])
     assert all(isinstance(m, dict) for m in outcomes)
@@ -138,7 +139,7 @@ def test_a_diverging_job_fails_alone_and_the_others_train_on(make_cfg, tmp_path:
     task records it, cli.run_jobs), the others their lone runs."""
     caplog.set_level(logging.INFO, logger="housing_reg.train")
     heads = ("head=none", "head=sigmoid", "head=tanh")
-    cfgs = [make_cfg(h, "optim.lr=1e6", *FAST, output_dir=tmp_path / h) for h in heads]
+    cfgs = [make_cfg(h, "optim.lr=1e6", *QUICK, output_dir=tmp_path / h) for h in heads]
     run_jobs(train_jobs, cfgs)
     assert "fit 1 of 1: 3 jobs, 3 models" in caplog.messages
     bad, *good = (tmp_path / h for h in heads)
@@ -148,12 +149,12 @@ def test_a_diverging_job_fails_alone_and_the_others_train_on(make_cfg, tmp_path:
     assert all(read_metrics(g)["status"] == "ok" for g in good)
     for head, x in zip(heads[1:], good, strict=True):
         y = tmp_path / f"lone {head}"
-        train(make_cfg(head, "optim.lr=1e6", *FAST, output_dir=y))
+        train(make_cfg(head, "optim.lr=1e6", *QUICK, output_dir=y))
         assert (x / "replicas.csv").read_text() == (y / "replicas.csv").read_text()
         assert read_metrics(x)["history"] == read_metrics(y)["history"]
         assert scalars(x) == scalars(y)
     with pytest.raises(FloatingPointError, match="diverged"):
-        train(make_cfg(heads[0], "optim.lr=1e6", *FAST, output_dir=tmp_path / "lone none"))
+        train(make_cfg(heads[0], "optim.lr=1e6", *QUICK, output_dir=tmp_path / "lone none"))
 
 
 @pytest.mark.unit

@@ -29,9 +29,9 @@ def test_gradient_clipping_is_per_replica(make_cfg, tmp_path, algorithm: str):
     """Replica 1 of a 2-replica job clipped at 0.05 is the lone run with seed 1, clipped the
     same way: each replica is clipped by its own gradient norm, not one norm over both."""
     clip = ("+trainer.gradient_clip_val=0.05", f"+trainer.gradient_clip_algorithm={algorithm}")
-    train(make_cfg(*FAST, *clip, "model.replicas=2", output_dir=tmp_path / "two"))
-    train(make_cfg(*FAST, *clip, "seed=1", output_dir=tmp_path / "lone"))
-    train(make_cfg(*FAST, "seed=1", output_dir=tmp_path / "free"))
+    train(make_cfg(*QUICK, *clip, "model.replicas=2", output_dir=tmp_path / "two"))
+    train(make_cfg(*QUICK, *clip, "seed=1", output_dir=tmp_path / "lone"))
+    train(make_cfg(*QUICK, "seed=1", output_dir=tmp_path / "free"))
     two, lone, free = (replicas_npz(tmp_path / d) for d in ("two", "lone", "free"))
     assert np.array_equal(two[1], lone[0])
     assert not np.array_equal(lone[0], free[0])  # the clipping acted
@@ -84,7 +84,7 @@ def test_step_and_cosine_schedules_show_as_train_lr(make_cfg, tmp_path):
 def test_a_scheduled_sweep_fuses_with_each_job_its_lone_run(make_cfg, tmp_path, caplog):
     """Two scheduled jobs (what a fused sweep's task trains) share one fit, and the tanh job's
     files and lr curve are its lone run's."""
-    args = ("lr_scheduler=step", "lr_scheduler.scheduler.step_size=1", *FAST)
+    args = ("lr_scheduler=step", "lr_scheduler.scheduler.step_size=1", *QUICK)
     caplog.set_level(logging.INFO, logger="housing_reg.train")
     jobs = [make_cfg(h, *args, output_dir=tmp_path / h) for h in ("head=none", "head=tanh")]
     assert all(isinstance(m, dict) for m in train_jobs(jobs))
