@@ -22,26 +22,15 @@ pytestmark = pytest.mark.unit
 
 CASES = [
     (),
-    tuple(FAST),
     ("head=tanh", "model.hidden=[16,8]", "optim.lr=3e-4", "data.batch_size=16", "seed=5"),
     ("data=diabetes", "data.target_scaling=minmax", "data.target_range=[-1,1]"),
-    ("optim=adam", "optim.lr=-0.001"),
-    ("~head.range",),
-    ("head.range=[1,0]", "head=sigmoid"),
-    ("+trainer.max_steps=100", "trainer.devices=2"),
-    ("+trainer.gradient_clip_val=0.05", "+trainer.gradient_clip_algorithm=value"),
-    ("data.batch_size=abc", "trainer.max_epochs=2.5"),
-    ("optim.lr=nan", "model.hidden=[64.5]", "model.hidden=[]"),
-    ("+optim.lrr=0.1", "+lrr=0.1"),
+    ("optim=adam", "optim.lr=-0.001", "~head.range"),
+    ("+trainer.max_steps=100", "trainer.devices=2", "+lrr=0.1", "+optim.lrr=0.1"),
+    ("data.batch_size=abc", "optim.lr=nan", "model.hidden=[64.5]", "trainer.max_epochs=2.5"),
     ("seed=-1", "checkpoint_every=-1", "resume=true", "ckpt_path=/no/such.ckpt"),
-    ("data.path=''", "data.target=y", "data.features=[a,d]"),
-    ("~logger", "trainer.max_epochs=1"),
-    ('data.target="prix€"',),
-    ("lr_scheduler=plateau", "lr_scheduler.scheduler.patience=0", "data.val_fraction=0.2"),
-    ("data.delimiter=';'", "data.decimal=','", 'data.delimiter="\\t"'),
-    ("+callbacks.stop._target_=interrupt.StopAt", "+callbacks.stop.epochs=2"),
-    ("model=mlp", "model.hidden=[32,32]", "fuse.max_replicas=4"),
-    ("hydra.run.dir=x", "hydra/launcher=parallel"),
+    ("data.path=''", 'data.target="prix€"', "data.delimiter=';'", "data.decimal=','"),
+    ("~logger", "lr_scheduler=plateau", "lr_scheduler.scheduler.patience=0"),
+    ("+callbacks.stop._target_=interrupt.StopAt", "hydra.run.dir=x", "hydra/launcher=parallel"),
 ]
 
 
