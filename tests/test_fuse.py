@@ -311,7 +311,7 @@ def test_jobs_sharing_a_head_keep_their_own_head_call(make_cfg, tmp_path: Path, 
     would round some replicas differently (vectorized body vs scalar tail), so each job's
     head is called on its own replicas, and every number equals the lone run's."""
     caplog.set_level(logging.INFO, logger="housing_reg.train")
-    args = ("model.replicas=10", "data.target_scaling=minmax", "trainer.max_epochs=1", *FAST[1:])
+    args = ("model.replicas=10", "data.target_scaling=minmax", "trainer.max_epochs=1", *QUICK[1:])
     jobs = [(h, s) for h in ("head=sigmoid", "head=softplus") for s in ("seed=0", "seed=10")]
     cfgs = [make_cfg(h, s, *args, output_dir=tmp_path / "f" / f"{h},{s}") for h, s in jobs]
     assert all(isinstance(m, dict) for m in train_jobs(cfgs))
