@@ -25,7 +25,6 @@ from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_module
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -35,6 +34,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 FAST = ["trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0"]
 LAYERS = ("unit", "cli", "cluster")
+
+# OpenMP threads that wait for work sleep rather than spin: on a machine whose cores are busy
+# with other processes (the other pytest worker, a Slurm job, another user), spinning threads
+# of a fused fit wait for each other for most of its time (4 jobs in one fit on 2 threads of a
+# busy 2-core machine: 12.4 s spinning, 2.6 s sleeping, 1.2 s either way on an idle one). Set
+# before torch loads OpenMP; the CLI runs, Slurm jobs and Ray workers that tests start inherit
+# it. It changes when a thread waits, never what it computes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402 (after the line above)
 
 # .ci/run sets this where it installed every extra: there a missing plugin is a failure.
 REQUIRE_EXTRAS = os.environ.get("HOUSING_REG_REQUIRE_EXTRAS") == "1"

@@ -221,7 +221,7 @@ def test_fused_groups_run_under_another_launcher(tmp_path: Path):
     of an unfused sweep (four tasks) give the numbers of one fused fit under the basic
     launcher."""
     args = ("-m", "head=none,relu", "data.target_scaling=none,standard", "model.replicas=2")
-    args = (*args, *FAST)
+    args = (*args, *QUICK)
     parallel = "hydra/launcher=parallel"
     capped = run_cli(*args, parallel, "fuse.max_replicas=4", "hydra.sweep.dir=l", cwd=tmp_path)
     out = capped.stderr + capped.stdout
