@@ -77,6 +77,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             f"each test needs exactly one of the markers {', '.join(LAYERS)} "
             "(tests/conftest.py); these have none or several:\n  " + "\n  ".join(wrong)
         )
+    # The long tests first (clusters, then command lines), the many short ones after: pytest-
+    # xdist hands tests out in this order (a cluster's group before single tests), so both
+    # workers stay busy to the end instead of one finishing a long test alone.
+    rank = {"cluster": 0, "cli": 1, "unit": 2}
+    items.sort(key=lambda item: rank[next(m.name for m in item.iter_markers() if m.name in rank)])
 
 
 def _starts_python(args: object) -> bool:
