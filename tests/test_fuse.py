@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from housing_reg.cli import run_jobs
 from housing_reg.train import GRAIN, fit_threads, head_elements, prepare, train, train_jobs
 
-from conftest import FAST, job_dirs, need, read_metrics, run_cli, scalars
+from conftest import FAST, compose_cfg, job_dirs, need, read_metrics, run_cli, scalars
 
 # heads x seeds x folds x scalings, in 2 epochs: 24 jobs, 3 fits (the folds' sizes differ)
 GRID = (
@@ -219,7 +219,7 @@ def test_fused_groups_run_under_another_launcher(tmp_path: Path):
     """hydra/launcher=parallel runs each task in a child forked from the sweep's process: the
     sweeper's groups, split at fuse.max_replicas (two tasks of two jobs), and the plain jobs
     of an unfused sweep (four tasks) give the numbers of one fused fit under the basic
-    launcher."""
+    launcher (here in-process: train_jobs, as the basic launcher's task runs it)."""
     args = ("-m", "head=none,relu", "data.target_scaling=none,standard", "model.replicas=2")
     args = (*args, *QUICK)
     parallel = "hydra/launcher=parallel"
@@ -230,9 +230,15 @@ def test_fused_groups_run_under_another_launcher(tmp_path: Path):
     assert "Launching 2 jobs, 2 at a time in forked processes" in out
     plain = run_cli(*args, parallel, "fuse.enabled=false", "hydra.sweep.dir=u", cwd=tmp_path)
     assert "Launching 4 jobs, 2 at a time in forked processes" in plain.stderr + plain.stdout
-    basic = run_cli(*args, "hydra.sweep.dir=b", cwd=tmp_path)
-    assert "group 0: 4 jobs, 8 models, one task" in basic.stderr + basic.stdout
-    sweeps = [job_dirs(tmp_path / d) for d in ("l", "u", "b")]
+    # In this process, the one fit of all four jobs that the basic launcher runs.
+    basic = [tmp_path / "b" / str(i) for i in range(4)]
+    grid = [(h, s) for h in ("head=none", "head=relu") for s in ("none", "standard")]
+    cfgs = [
+        compose_cfg(h, f"data.target_scaling={s}", *args[3:], output_dir=b)
+        for (h, s), b in zip(grid, basic, strict=True)
+    ]
+    assert all(isinstance(m, dict) for m in train_jobs(cfgs))
+    sweeps = [job_dirs(tmp_path / d) for d in ("l", "u")] + [basic]
     assert [len(s) for s in sweeps] == [4, 4, 4]
     for x, y, z in zip(*sweeps, strict=True):
         assert (x / "replicas.csv").read_text() == (z / "replicas.csv").read_text(), x.name
@@ -273,8 +279,16 @@ def test_ctrl_c_stops_the_group_and_resume_continues_each_job(tmp_path: Path):
         saved = torch.load(job / "checkpoints/last.ckpt", weights_only=True)
         assert saved["epoch"] == 0 and saved["hyper_parameters"]["replicas"] == 1
     run_cli(*args, by_num, "resume=true", "hydra.sweep.dir=cut", cwd=tmp_path)
-    run_cli(*args, by_num, "hydra.sweep.dir=full", cwd=tmp_path)
-    for a, b in zip(jobs, job_dirs(tmp_path / "full"), strict=True):
+    # Never interrupted: the fit of the same four jobs that the sweep's task trains.
+    settings = ("trainer.max_epochs=3", *QUICK[1:])
+    full = [tmp_path / "full" / str(i) for i in range(4)]
+    heads_seeds = [(h, s) for h in ("head=none", "head=tanh") for s in ("seed=0", "seed=5")]
+    cfgs = [
+        compose_cfg(h, s, *settings, output_dir=f)
+        for (h, s), f in zip(heads_seeds, full, strict=True)
+    ]
+    assert all(isinstance(m, dict) for m in train_jobs(cfgs))
+    for a, b in zip(jobs, full, strict=True):
         for name in SAME:
             assert (a / name).read_text() == (b / name).read_text(), (a.name, name)
         assert read_metrics(a)["history"] == read_metrics(b)["history"]
