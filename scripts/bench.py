@@ -1,26 +1,32 @@
 """housing_reg's speed against baselines measured in the same run.
 
-    python scripts/bench.py [--repeats 3] [--out bench.json] [--no-sweeps]
+    python scripts/bench.py [--repeats 3] [--out bench.json] [--no-sweeps] [--study]
 
 Two tables. Per optimizer step: thousands of tiny steps (batch 1, 13-64-64-1), so what is
 measured is per-step overhead, as µs/step and as a ratio to a plain PyTorch loop; the fused
 4-head sweep's row is its fit time / (steps x models). End to end: wall seconds of what a user
 types (a lone job, the README's 4-head sweep, 4 heads x 10 seeds), fused and unfused
-(fuse.enabled=false), as ratios to one lone job and to the same sweep unfused. Every
-measurement is repeated (interleaved, so drift hits all alike) and the median reported.
+(fuse.enabled=false), as ratios to one lone job and to the same sweep unfused; and the same
+runs beside one busy process (started and stopped by the bench, by its PID) and on one thread
+(OMP_NUM_THREADS=1), their fits' seconds as ratios to the idle run's (--study adds
+scripts/study.sh). Every measurement is repeated (interleaved, so drift hits all alike) and the
+median reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -135,13 +141,34 @@ def plain_stacked(replicas: int, device: str, epochs: int = 2) -> float:
 
 
 WALLS: dict[str, list[float]] = {}  # name -> wall seconds of each repeat
+FITS: dict[str, list[float]] = {}  # name -> its fits' seconds (their sum), each repeat
 FUSED_FITS: list[float] = []  # the fused 4-head sweep's µs per model-step, each repeat
 
 
-def cli(name: str, *args: str) -> float:
+@contextlib.contextmanager
+def busy(on: bool) -> Iterator[None]:
+    """One other program keeping a core busy (a `while True: pass` loop), as on a user's
+    machine, started before the run and stopped after it, by its PID."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # running before the measured run starts
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what the rule leaves a fit on a busy machine
+
+
+def cli(name: str, *args: str, loaded: bool = False, env: dict[str, str] | None = None) -> float:
     """`python -m housing_reg.train ARGS` end to end as a user runs it (imports, start-up,
-    every file written); its wall time in seconds, also kept under `name`."""
-    with tempfile.TemporaryDirectory() as cwd:
+    every file written); its wall time in seconds, also kept under `name`. loaded: with one
+    busy process beside it; env: more environment (ONE_THREAD)."""
+    with tempfile.TemporaryDirectory() as cwd, busy(loaded):
         start = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "housing_reg.train", *args, "hydra.sweep.dir=sweep"],
@@ -149,12 +176,42 @@ def cli(name: str, *args: str) -> float:
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
         wall = time.perf_counter() - start
+        FITS.setdefault(name, []).append(fit_seconds(Path(cwd) / "sweep"))
         if name == "4 heads, fused":  # fit time / (steps x models), the fit's own clock
             runs = [json.loads(p.read_text()) for p in Path(cwd).glob("sweep/*/metrics.json")]
             fit, steps = runs[0]["fit_seconds"], runs[0]["steps"]
             FUSED_FITS.append(fit / (steps * len(runs)) * 1e6)
+    WALLS.setdefault(name, []).append(wall)
+    return wall
+
+
+def fit_seconds(sweep: Path) -> float:
+    """The fits' own time in a sweep directory (or a lone run's): each fit counted once."""
+    fits = {}
+    for path in [*sweep.glob("*/metrics.json"), *sweep.glob("metrics.json")]:
+        m = json.loads(path.read_text())
+        fits[m["fit_seconds_per_session"][0]] = m["fit_seconds"]  # a fit's jobs share its clock
+    return sum(fits.values())
+
+
+def study(name: str, loaded: bool = False, env: dict[str, str] | None = None) -> float:
+    """scripts/study.sh end to end (three sweeps of 160, 480 and 480 models, both reports)."""
+    with tempfile.TemporaryDirectory() as out, busy(loaded):
+        start = time.perf_counter()
+        subprocess.run(
+            ["bash", str(Path(__file__).with_name("study.sh")), out],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+        wall = time.perf_counter() - start
+        FITS.setdefault(name, []).append(
+            sum(fit_seconds(d) for d in (Path(out) / "heads", *Path(out).glob("scaling/*")))
+        )
     WALLS.setdefault(name, []).append(wall)
     return wall
 
@@ -189,6 +246,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--no-sweeps", action="store_true", help="skip the CLI sweeps")
+    parser.add_argument(
+        "--study", action="store_true", help="also scripts/study.sh (idle, busy, 1 thread)"
+    )
     args = parser.parse_args()
 
     quiet = "callbacks.progress_bar.refresh_rate=1"  # the default: the bar stays on
@@ -212,6 +272,19 @@ def main() -> None:
             "4 heads x 10 seeds, unfused": (cli, "40 jobs, unfused", "-m", heads, SEEDS, OFF),
             "import lightning": (import_lightning,),
         }
+        # The same beside one busy process, and on one thread on an idle machine (the most
+        # the thread rule may leave a fit beside that process: docs/speed.md).
+        for label, name, *sweep in (
+            ("lone job", "lone"),
+            ("4 heads", "4 heads, fused", "-m", heads),
+            ("4 heads x 10 seeds", "40 jobs, fused", "-m", heads, SEEDS),
+        ):
+            walls[f"{label}, one busy process"] = (cli, f"{name}, busy", *sweep)
+            walls[f"{label}, 1 thread"] = (cli, f"{name}, 1 thread", *sweep)
+        if args.study:
+            walls["study"] = (study, "study")
+            walls["study, one busy process"] = (study, "study, busy")
+            walls["study, 1 thread"] = (study, "study, 1 thread")
         if find_spec("hydra_plugins.hydra_joblib_launcher"):
             walls["4 heads, unfused, hydra/launcher=parallel"] = (
                 cli,
@@ -236,7 +309,11 @@ def main() -> None:
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for rep in range(args.repeats):
         for name, (fn, *fn_args) in cases.items():
-            samples[name].append(fn(*fn_args))
+            loaded, env = name.endswith(", one busy process"), None
+            if name.endswith(", 1 thread"):
+                env = ONE_THREAD
+            kwargs = {"loaded": loaded, "env": env} if fn in (cli, study) else {}
+            samples[name].append(fn(*fn_args, **kwargs))
             unit = "s" if name in walls else "µs/step"
             print(
                 f"[{rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.2f} {unit}",
@@ -266,10 +343,22 @@ def main() -> None:
             vs = f"{wall[name] / unfused:>10.2f}" if unfused else ""
             print(f"{name:<36} {wall[name]:>7.2f} {wall[name] / lone:>7.2f} {vs}")
             sweeps.append({"run": name, "wall_s": wall[name], "ratio_to_lone": wall[name] / lone})
+            sweeps[-1] |= {"fit_s": statistics.median(FITS[name])}
             sweeps[-1] |= {"ratio_to_unfused": wall[name] / unfused if vs else None}
             sweeps[-1] |= {"samples": WALLS[name]}
         imp = statistics.median(samples["import lightning"])
         print(f"(import lightning alone: {imp:.2f} s of every process)")
+        # The fits' own seconds beside one busy process, against the same idle (goal <= 1.3
+        # where a second thread gains nothing) and on one thread idle (goal <= 1.1).
+        head = f"{'beside one busy process':<28} {'wall s':>7} {'fits s':>7}"
+        print(f"\n{head} {'x idle':>7} {'x 1 thread idle':>16}")
+        for name in [n for n in WALLS if n.endswith(", busy")]:
+            idle, one = name.removesuffix(", busy"), name.replace(", busy", ", 1 thread")
+            w, f = (statistics.median(d[name]) for d in (WALLS, FITS))
+            x_idle, x_one = (f / statistics.median(FITS[k]) for k in (idle, one))
+            print(f"{name:<28} {w:>7.2f} {f:>7.2f} {x_idle:>7.2f} {x_one:>16.2f}")
+            sweeps.append({"run": name, "wall_s": w, "fit_s": f, "fit_ratio_to_idle": x_idle})
+            sweeps[-1] |= {"fit_ratio_to_one_thread_idle": x_one, "samples": WALLS[name]}
     if gpu:
         for r in (1, 10000):
             ratio = statistics.median(

@@ -28,7 +28,7 @@ import lightning
 import torch
 from hydra import compose, initialize_config_module
 
-from housing_reg.record import read_job
+from housing_reg.jobdir import read_state
 from housing_reg.train import train
 
 QUIET = ["callbacks.progress_bar.refresh_rate=0"]
@@ -49,7 +49,7 @@ def run(device: str, *extra: str) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         metrics = train(cfg)
-        job = read_job(Path(out))
+        job = read_state(Path(out))
         metrics["per_replica"] = job.replicas()  # seed, test/mae, curves, ... per replica
     # Where the job ran: it allocated CUDA memory or it did not.
     metrics["on_gpu"] = cuda and torch.cuda.max_memory_allocated() > before

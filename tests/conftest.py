@@ -296,8 +296,9 @@ def write_job(
     scaler and training targets) and every file come from the package's own code
     (train.prepare, record.JobRecorder); only the numbers are the test's. Returns metrics.json's
     contents."""
+    from housing_reg.prepare import prepare
     from housing_reg.record import JobRecorder
-    from housing_reg.train import prepare, resolved
+    from housing_reg.resume import resolved
 
     cfg = compose_cfg(*overrides, output_dir=job)
     job.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from housing_reg import csvfile
 from housing_reg.cli import quote_paths
 from housing_reg.csvfile import DataError, load_csv
 from housing_reg.evaluate import evaluate
-from housing_reg.record import training_settings
+from housing_reg.jobdir import training_settings
 from housing_reg.report import settings_of
 from housing_reg.settings import ConfigError
 from housing_reg.train import train

@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from omegaconf import OmegaConf, open_dict
 
-from housing_reg.cli import quote_paths, register_launchers
+from housing_reg.cli import quote_paths
 from housing_reg.settings import check_config
 
 pytestmark = pytest.mark.unit
@@ -76,7 +76,6 @@ def test_each_shown_command_composes_and_passes_the_checks(where: str, command: 
     for prefix, module in PLUGINS.items():
         if any(a.startswith(prefix) for a in args) and not installed(module):
             pytest.skip(f"{prefix} needs its extra")
-    register_launchers()  # as `python -m housing_reg.train` does (the Slurm launcher's schema)
     first = []
     for o in OverridesParser.create().parse_overrides(args):
         value = None

@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock, Timeout
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from housing_reg.cli import lock, record_failure, summarize, unlock
+from housing_reg.cli import record_failure
 from housing_reg.data import BOSTON_CSV, DataError, keras_split
 from housing_reg.evaluate import evaluate
 from housing_reg.jobdir import RecordError, read_state, write_json
 from housing_reg.settings import ConfigError
+from housing_reg.sweep import Sweep, lock, summarize, unlock
 from housing_reg.train import train
 
 from conftest import compose_cfg, job_dirs, read_metrics, replicas, run_cli
@@ -92,7 +94,8 @@ def test_own_csv_sweep_keeps_good_jobs_when_one_diverges(tmp_path: Path) -> None
     assert [j.parent for j in jobs] == [sweeps[0]] * 2  # '/' in data.path nests nothing
     assert "data.path=" in good.name and "optim.lr=0.001" in good.name
     assert f"1 job(s) failed: {bad.name}: failed: FloatingPointError: training" in proc.stderr
-    assert "resume=true hydra.sweep.dir=" in proc.stderr  # how to finish the sweep
+    # A diverged fit diverges again when rerun: no rerun command is offered
+    assert "resume=true" not in proc.stderr and "no retry would change that" in proc.stderr
     table = proc.stdout[re.search(r"^lr +train MAE", proc.stdout, re.M).start() :].splitlines()
     assert table[0].split() == ["lr", "train", "MAE", "test", "MAE"]  # only what varied
     assert table[1].startswith("0.001 ") and len(table[1].split()) == 3
@@ -110,7 +113,8 @@ def test_own_csv_sweep_keeps_good_jobs_when_one_diverges(tmp_path: Path) -> None
     assert "lower optim.lr" in failed["error"]
     assert not (bad / "metrics.json").exists()
     assert not (bad / "checkpoints").exists()  # a NaN model is never checkpointed
-    _, failures = summarize(sweeps[0])
+    _, failures, retry = summarize(sweeps[0])
+    assert not retry
     assert len(failures) == 1 and failures[0].startswith(bad.name)
 
 
@@ -303,9 +307,10 @@ def test_sweep_summary_counts_a_killed_job_as_failed(tmp_path: Path) -> None:
         if status:
             metrics = {"status": status, "head": "none", "train/mae": 1.0, "test/mae": 2.0}
             write_json(tmp_path / name / "metrics.json", metrics)
-    table, failed = summarize(tmp_path)
+    table, failed, retry = summarize(tmp_path)
     assert "1.000" in table and "2.000" in table
     assert failed == ["1_head=relu: incomplete: no metrics.json (still running, or killed)"]
+    assert retry  # a killed job may well finish when run again
 
 
 @pytest.mark.unit
@@ -398,30 +403,33 @@ def test_a_full_disk_under_one_fused_job_fails_that_job_alone(tmp_path: Path):
 def test_a_second_live_sweep_into_the_same_directory_is_refused(tmp_path: Path):
     sweep_dir = tmp_path / "s"
     sweep_dir.mkdir()
-    (sweep_dir / ".lock").write_text(f"{os.getpid()}\n")  # a live process holds it
+    held = FileLock(sweep_dir / ".lock", timeout=0)
+    held.acquire()  # a live sweep (this process) holds it
     args = ("-m", "head=none", "trainer.max_epochs=1", QUIET, f"hydra.sweep.dir={sweep_dir}")
     proc = run_cli(*args, cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: another sweep (PID {os.getpid()}) is writing to {sweep_dir}; "
+        f"error: another sweep is writing to {sweep_dir}; "
         "wait for it to finish or choose another hydra.sweep.dir"
     )
     assert not job_dirs(sweep_dir)
-    assert (sweep_dir / ".lock").read_text() == f"{os.getpid()}\n"  # not taken from its owner
+    held.release()  # the lock file stays, as a killed sweep's would: no lock is held
 
 
 @pytest.mark.unit
 def test_a_stale_sweep_lock_is_taken_over(tmp_path: Path):
-    """A lock whose process is gone (what the Sweep callback finds as a sweep starts): this
-    sweep takes it, and frees it as it ends (the CLI tests see a finished sweep leave none)."""
-    (tmp_path / ".lock").write_text("999999999\n")
+    """A lock file that no process holds (a killed sweep's, as the CLI test above leaves it):
+    the next sweep takes it (the Sweep callback's lock), and frees it as it ends (the CLI tests
+    see a finished sweep leave none)."""
+    (tmp_path / ".lock").write_text("")
     lock(tmp_path)
-    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
-    unlock(tmp_path)
-    assert not (tmp_path / ".lock").exists()
-    (tmp_path / ".lock").write_text("\n")  # an empty or garbled lock is no owner's either
-    lock(tmp_path)
-    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    try:
+        assert Sweep.held is not None and Sweep.held.is_locked
+        with pytest.raises(Timeout):  # held now: a second sweep would be refused
+            FileLock(tmp_path / ".lock", timeout=0).acquire()
+    finally:
+        unlock(tmp_path)
+    assert Sweep.held is None and not (tmp_path / ".lock").exists()
 
 
 @pytest.mark.unit

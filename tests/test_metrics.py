@@ -11,8 +11,10 @@ import torch
 from torchmetrics import Metric
 
 from housing_reg.data import FitData, RegressionData
+from housing_reg.fit import build_model
 from housing_reg.jobdir import load_checkpoint
-from housing_reg.train import build_model, prepare, train
+from housing_reg.prepare import prepare
+from housing_reg.train import train
 
 from conftest import FAST, replicas, set_up
 

@@ -5,8 +5,6 @@ train.train (what the command line runs); one CLI test for Hydra's own parse err
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -48,9 +46,16 @@ def test_a_second_run_with_other_settings_never_replaces_a_finished_job(make_cfg
     runs = read_runs(job, tmp_path)
     assert runs.status == "ok" and runs.settings["head.name"] == "none"
     assert runs.settings["optim.lr"] == 0.001
-    # The same settings again: a deterministic rerun, allowed.
-    again = train(make_cfg(*FAST, output_dir=job))
-    assert again["test/mae"] == first_metrics["test/mae"] == json.loads(first)["test/mae"]
+    # The same settings again: refused too (it would put a second run beside the first in
+    # TensorBoard); resume=true keeps the finished job as it is.
+    with pytest.raises(ConfigError) as e:
+        train(make_cfg(*FAST, output_dir=job))
+    assert str(e.value).startswith(f"{job} holds a finished job with these")
+    assert "resume=true keeps it" in str(e.value)
+    kept = train(make_cfg(*FAST, "resume=true", output_dir=job))
+    assert kept["test/mae"] == first_metrics["test/mae"]
+    assert (job / "metrics.json").read_text() == first
+    assert sorted(p.name for p in job.glob("events.*")) == events
 
 
 @pytest.mark.unit

@@ -23,11 +23,12 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from housing_reg.cli import record_failure, summarize
+from housing_reg.cli import record_failure
 from housing_reg.evaluate import evaluate
 from housing_reg.report import Estimate, Group, Run, Target, block_verdict, report, t_quantile
 from housing_reg.report import main as report_main
 from housing_reg.settings import ConfigError
+from housing_reg.sweep import summarize
 from housing_reg.train import train, train_jobs
 
 from conftest import FAST, compose_cfg, job_dirs, read_metrics, replicas, run_cli, write_job
@@ -391,7 +392,7 @@ def test_scaling_sweep_has_a_scaling_column_and_compares_scalings(tmp_path: Path
     sweep_job(tmp_path, 0, "data.target_scaling=none", *common, predict=stuck_at(1.0))
     sweep_job(tmp_path, 1, "data.target_scaling=minmax", *common, predict=off_by(2.5))
     # The sweep's own table: a column for what varied, by its short name, and no job names.
-    text, failed = summarize(tmp_path)
+    text, failed, _ = summarize(tmp_path)
     assert not failed
     table = text.splitlines()
     assert table[0].split() == ["target_scaling", "train", "MAE", "test", "MAE"]

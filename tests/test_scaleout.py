@@ -26,8 +26,8 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
+import housing_reg.fit as fit_module
 import housing_reg.train as train_module
-from housing_reg.cli import register_launchers
 from housing_reg.scaleout import is_loopback, prepare_ray_env
 
 from conftest import job_dirs, need, read_metrics, run_cli, scalars
@@ -291,7 +291,6 @@ def test_submitit_local_sweep(tmp_path: Path):
 @pytest.mark.unit
 def test_slurm_preset_settings_are_overridable():
     need("hydra_plugins.hydra_submitit_launcher", "slurm")
-    register_launchers()  # as the CLI does: stores hydra/launcher/schema/slurm
     with initialize_config_module("housing_reg.conf", version_base="1.3"):
         cfg = compose(
             "config",
@@ -347,18 +346,20 @@ def test_optuna_minimizes_validation_mae_reproducibly(tmp_path: Path):
 
 
 @pytest.mark.unit
-def test_jobs_run_in_one_process_do_not_pile_up(make_cfg, monkeypatch: pytest.MonkeyPatch):
+def test_jobs_run_in_one_process_do_not_pile_up(
+    make_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     """Optuna trials and basic-launcher jobs share a process: each job must be freed."""
-    models, original = [], train_module.build_model
+    models, original = [], fit_module.build_model
 
     def build_model(jobs, data):
         model = original(jobs, data)
         models.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_model)
-    for _ in range(2):
-        train_module.train(make_cfg("data.batch_size=64", *TINY))
+    monkeypatch.setattr(fit_module, "build_model", build_model)
+    for i in range(2):
+        train_module.train(make_cfg("data.batch_size=64", *TINY, output_dir=tmp_path / str(i)))
     gc.collect()
     assert [m() for m in models] == [None, None]
 

@@ -12,8 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from housing_reg.cli import check_choices
 from housing_reg.data import FitData
+from housing_reg.fit import build_model
+from housing_reg.prepare import prepare
 from housing_reg.settings import ConfigError, create
-from housing_reg.train import build_model, prepare, train
+from housing_reg.train import train
 
 from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
 

@@ -6,7 +6,11 @@ from housing_reg import startup
 
 startup.guard_command()
 
+# Then the cores' first look (cores.py reads /proc, nothing heavy): a fit's first choice of
+# threads then covers everything other programs did while this process started.
 from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+
+from housing_reg import cores  # noqa: E402, F401
 
 try:
     __version__ = version("housing_reg")

@@ -4,11 +4,9 @@ run says when it ends, and the sweep's summary, lock and resume hints.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -22,41 +20,25 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
-from hydra.core.plugins import Plugins
 from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from housing_reg import startup
-from housing_reg.jobdir import find_jobs, is_bookkeeping, read_state, short_names, write_failure
+from housing_reg.jobdir import write_failure
 from housing_reg.settings import USER_ERRORS, ConfigError
-from hydra_plugins.housing_reg_launcher import ForkLauncher, fused
+from housing_reg.startup import Interrupted, NotStarted
+from housing_reg.sweep import Sweep, release, resume_args, summarize, unlock
 
 log = logging.getLogger("housing_reg")
-
-
-class Interrupted(RuntimeError):
-    """Ctrl-C or SIGTERM stopped training; checkpoints/last.ckpt holds the last whole epoch.
-    outcomes: of a fit of several jobs, what each job had come to (None: unfinished)."""
-
-    outcomes: list[Any] | None = None
-
-
-class NotStarted(Interrupted):
-    """Ctrl-C before any training started (reading data, building the model, Lightning's
-    set-up): nothing of the job was recorded, and nothing of its start is kept."""
-
-    def __init__(self) -> None:
-        super().__init__(startup.NOT_STARTED)
 
 
 def start(main: Callable[[], Any]) -> None:
     """`python -m housing_reg.train`: a one-line check of group choices, then Hydra's app."""
     sys.argv[1:] = quote_paths(sys.argv[1:])
-    register_launchers()
     startup.set_describe(describe_ctrl_c)
     try:
+        check_modes(sys.argv[1:])
         check_choices(sys.argv[1:])
         check_output_dirs(sys.argv[1:])
     except ConfigError as e:
@@ -76,8 +58,27 @@ def start(main: Callable[[], Any]) -> None:
         sys.exit(1)
     except CompactHydraException as e:  # a config error: Hydra's own short message
         sys.exit(f"error: {' '.join(str(e).split())}{non_ascii_hint(sys.argv[1:])}")
+    except ConfigError as e:  # a sweep refused before any job started (sweep.check_job_dirs)
+        if Sweep.active is not None:
+            release(Sweep.active)
+        sys.exit(f"error: {e}")
     except OSError as e:
         stopped(f"{type(e).__name__}: {e}")
+
+
+MODES = ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--run", "-r")
+
+
+def check_modes(args: list[str]) -> None:
+    """-m with --cfg (or --info): Hydra allows one mode at a time and says so in a traceback."""
+    if not {"-m", "--multirun"} & set(args):
+        return
+    other = next((a for a in args if a.split("=")[0] in MODES), None)
+    if other is not None:
+        raise ConfigError(
+            f"{other} shows one job and cannot be combined with -m: drop -m and give each "
+            "setting one value (e.g. head=relu) to see that job's config"
+        )
 
 
 def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
@@ -100,29 +101,11 @@ def non_ascii_hint(args: list[str]) -> str:
     return f"; a non-ASCII value must be quoted: '{key}=\"{value}\"'"
 
 
-def register_launchers() -> None:
-    """This package's launchers: hydra/launcher=parallel's and, with the `slurm` extra,
-    hydra/launcher=slurm's. An editable install hides src/hydra_plugins from Hydra's own plugin
-    scan, so they are registered here (a no-op when the scan found them)."""
-    plugins = Plugins.instance()  # the scan runs first, so what it imported stays imported
-    plugins.register(ForkLauncher)
-    plugins.register(fused.FusedSweeper)
-    if fused.FusedOptunaSweeper is not None:
-        plugins.register(fused.FusedOptunaSweeper)
-    # Imported after the scan: the class registered is the one its jobs unpickle. It also
-    # stores the launcher's schema (hydra/launcher/schema/slurm); without the extra it
-    # defines nothing.
-    from hydra_plugins.housing_reg_launcher import slurm
-
-    if slurm.SlurmLauncher is not None:
-        plugins.register(slurm.SlurmLauncher)
-
-
 def stopped(reason: str) -> None:
     """A sweep (or run) that cannot go on: one line, and what the finished jobs say."""
     if Sweep.active is not None:
         unlock(Sweep.active)
-        text, failed = summarize(Sweep.active)
+        text, failed, _ = summarize(Sweep.active)
         print(text)
         if failed:
             print(f"{len(failed)} job(s) failed: " + "; ".join(failed), file=sys.stderr)
@@ -242,6 +225,9 @@ def run_jobs(
     for cfg, outcome in zip(cfgs, outcomes, strict=True):
         if isinstance(outcome, BaseException):
             record_failure(cfg, "failed", outcome)
+            values.append(None)
+            if getattr(outcome, "reported", False):  # train.refused logged it as it was found
+                continue
             expected = isinstance(outcome, (*USER_ERRORS, OSError))
             log.error(
                 "job failed: %s: %s",
@@ -249,7 +235,6 @@ def run_jobs(
                 one_line(outcome),
                 exc_info=None if expected else outcome,
             )
-            values.append(None)
         else:
             values.append(objective(outcome))
     return values
@@ -279,11 +264,7 @@ def describe_ctrl_c() -> str:
     if Sweep.active is None:
         return startup.NOT_STARTED
     unlock(Sweep.active)
-    return f"{startup.NOT_STARTED}; to continue, rerun the sweep with {resume_sweep()}"
-
-
-def resume_sweep() -> str:
-    return f"resume=true hydra.sweep.dir={Sweep.active}"
+    return f"{startup.NOT_STARTED}; to continue, rerun the sweep with {resume_args(Sweep.active)}"
 
 
 def interrupted_outside_jobs() -> None:
@@ -294,7 +275,7 @@ def interrupted_outside_jobs() -> None:
     line = "interrupted" if Job.started else startup.NOT_STARTED
     if Sweep.active is not None:
         unlock(Sweep.active)
-        line = f"interrupted; to continue, rerun the sweep with {resume_sweep()}"
+        line = f"interrupted; to continue, rerun the sweep with {resume_args(Sweep.active)}"
     print(f"error: {line}", file=sys.stderr)
     sys.exit(startup.EXIT_STATUS)
 
@@ -328,7 +309,8 @@ def record_failure(cfg: DictConfig, status: str, e: BaseException) -> None:
     try:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_failure(out, status, e, OmegaConf.to_container(cfg, resolve=True))
+        retry = status == "interrupted" or not isinstance(e, USER_ERRORS)  # ours: a refusal
+        write_failure(out, status, e, OmegaConf.to_container(cfg, resolve=True), retry)
     except Exception as again:
         log.error("could not record the failure in %s: %s", cfg.output_dir, one_line(again))
 
@@ -336,7 +318,7 @@ def record_failure(cfg: DictConfig, status: str, e: BaseException) -> None:
 def resume_hint(cfg: DictConfig, multirun: bool) -> str:
     hc = HydraConfig.get()
     if multirun:
-        return f"rerun the sweep with resume=true hydra.sweep.dir={hc.sweep.dir}"
+        return f"rerun the sweep with {resume_args(hc.sweep.dir)}"
     args = [a for a in hc.overrides.task if not a.startswith(("resume=", "hydra.run.dir="))]
     return "run: python -m housing_reg.train " + " ".join(
         [*args, "resume=true", f"hydra.run.dir={cfg.output_dir}"]
@@ -381,6 +363,7 @@ OPTIONAL = ("logger",)  # config groups a run may go without ('~logger': no Tens
 
 # Our presets that build on a plugin's config: the extra that brings it, and its module.
 PLUGIN_PRESETS = {
+    "hparams_search=optuna": ("tune", "hydra_plugins.hydra_optuna_sweeper"),
     "hydra/launcher=slurm": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
     "hydra/launcher=ray_cluster": ("ray", "hydra_plugins.hydra_ray_launcher"),
 }
@@ -413,140 +396,3 @@ def check_option(group: str, value: str) -> None:
         ) from None
     except Exception:
         return  # anything else: Hydra reports it in full when the run composes
-
-
-# -- sweeps ----------------------------------------------------------------------------------
-class Sweep(Callback):
-    """Holds a lock on the sweep directory while jobs run, then prints what varied, each job's
-    MAEs, the failures and the next command; exits 1 if any job failed."""
-
-    active: Path | None = None  # the sweep directory while its jobs run
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        lock(Path(config.hydra.sweep.dir))
-        Sweep.active = Path(config.hydra.sweep.dir)
-        # Ctrl-C stops a job at once only while that job starts (run_job, run_jobs): a
-        # parallel sweep's own process must stop its workers, which a KeyboardInterrupt does.
-        startup.release()
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir, Sweep.active = Path(config.hydra.sweep.dir), None
-        unlock(sweep_dir)
-        text, failed = summarize(sweep_dir)
-        print(text)
-        if failed:
-            print(f"{len(failed)} job(s) failed: " + "; ".join(failed), file=sys.stderr)
-            print(f"to finish them: {rerun_command(config)}", file=sys.stderr)
-            sys.exit(1)
-
-
-def lock(sweep_dir: Path) -> None:
-    """sweep_dir/.lock holds the PID of the sweep writing there; a second live sweep into the
-    same directory stops with one line, a stale lock (its process gone) is taken over."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep_dir / ".lock"
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and alive(pid):
-                sys.exit(
-                    f"error: another sweep (PID {pid}) is writing to {sweep_dir}; wait for it "
-                    "to finish or choose another hydra.sweep.dir"
-                )
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        return
-
-
-def unlock(sweep_dir: Path) -> None:
-    path = sweep_dir / ".lock"
-    try:
-        if int(path.read_text().strip()) == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-def release(sweep_dir: Path) -> None:
-    """Unlock a sweep that stops before its first job, and remove its directory if that left
-    it empty: a refused sweep leaves nothing behind."""
-    unlock(sweep_dir)
-    with contextlib.suppress(OSError):  # not empty (an earlier sweep's jobs), or gone
-        sweep_dir.rmdir()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def rerun_command(config: DictConfig) -> str:
-    # The launcher and its settings too (hydra/launcher=slurm ...): the jobs run where they ran.
-    launcher = [
-        a
-        for a in config.hydra.overrides.hydra
-        if not a.startswith(("hydra.sweep.dir=", "hydra.mode="))  # -m: hydra.mode=MULTIRUN
-    ]
-    task = [a for a in config.hydra.overrides.task if not a.startswith("resume=")]
-    return " ".join(
-        ["python -m housing_reg.train -m"]
-        + [shlex.quote(a) for a in [*launcher, *task, "resume=true"]]
-        + [f"hydra.sweep.dir={shlex.quote(str(config.hydra.sweep.dir))}"]
-    )
-
-
-def summarize(sweep_dir: Path) -> tuple[str, list[str]]:
-    """The end-of-sweep table: one column per override that varies across jobs (by its short
-    name), then train and test MAE; and one line per job that did not finish."""
-    rows, failed, every = [], [], []
-    for path in find_jobs(sweep_dir):
-        job = read_state(path)
-        every.append(task_overrides(path))
-        if job.status == "ok":
-            rows.append((every[-1], job.metrics))
-        else:
-            failed.append(f"{path.name}: {job.status}: {job.reason}")
-    every = [o for o in every if o]  # a job killed before Hydra saved its overrides says nothing
-    keys = list(dict.fromkeys(k for o in every for k in o))
-    varying = [k for k in keys if len({o.get(k) for o in every}) > 1] or keys[:1]
-    names = short_names(varying)
-    header = [*(names[k] for k in varying), "train MAE", "test MAE"]
-    cells = [
-        [o.get(k, "") for k in varying] + [f"{m['train/mae']:.3f}", f"{m['test/mae']:.3f}"]
-        for o, m in rows
-    ]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells, strict=True)]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *cells]
-    ]
-    lines += [
-        "",
-        f"sweep directory: {sweep_dir}",
-        f"next: python -m housing_reg.report {sweep_dir}    (or: tensorboard --logdir {sweep_dir})",
-    ]
-    return "\n".join(lines), failed
-
-
-def task_overrides(job: Path) -> dict[str, str]:
-    """The job's own command-line overrides (Hydra's .hydra/overrides.yaml), key -> value."""
-    path = job / ".hydra" / "overrides.yaml"
-    items = OmegaConf.load(path) if path.exists() else []
-    out = {}
-    for item in items:
-        key, _, value = str(item).partition("=")
-        if not is_bookkeeping(key.lstrip("+~")):
-            out[key.lstrip("+~")] = value
-    return out

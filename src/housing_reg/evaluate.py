@@ -25,9 +25,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from housing_reg.cli import quote_paths
 from housing_reg.data import DataError, load_csv
-from housing_reg.jobdir import job_of, load_checkpoint, write_json
+from housing_reg.jobdir import RECORD, job_of, load_checkpoint, write_json
 from housing_reg.model import Regressor, denormals_flushed, errors
-from housing_reg.record import JobRecorder, spread, write_predictions, write_replicas
+from housing_reg.record import spread, write_predictions, write_replicas
 from housing_reg.settings import USER_ERRORS, ConfigError, create
 
 # What an evaluation writes; an explicit output_dir holding any of these, or a job's own
@@ -50,7 +50,7 @@ def evaluate(
     recorded data.delimiter and data.decimal)."""
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
-    config = ckpt.get("callbacks", {}).get(JobRecorder.__qualname__, {}).get("config")
+    config = ckpt.get("callbacks", {}).get(RECORD, {}).get("config")
     if config is None:
         raise ConfigError(f"{ckpt_path} records no training settings; retrain with this version")
     model = load_model(ckpt, create(OmegaConf.create(config["head"]["activation"])))
@@ -64,7 +64,7 @@ def evaluate(
 
     true: torch.Tensor | None
     if data_path is None:  # the job's own split, rebuilt exactly as in training
-        saved = ckpt["callbacks"][JobRecorder.__qualname__].get("data_file")
+        saved = ckpt["callbacks"][RECORD].get("data_file")
         node = dict(config["data"])
         if saved and node.get("path") is not None:
             node["path"] = saved["path"]  # the file it was trained on, from anywhere

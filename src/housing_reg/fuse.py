@@ -12,6 +12,7 @@ into fits with `fits`, once each job's data and checkpoint are known.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
@@ -43,8 +44,14 @@ def fit_key(config: dict[str, Any]) -> str:
     return json.dumps(rest, sort_keys=True)
 
 
+def cap(max_replicas: int | None) -> float:
+    """fuse.max_replicas as a bound on a fit's models: null is no limit (sweep.check_fuse has
+    refused anything but a whole number >= 1 or null)."""
+    return math.inf if max_replicas is None else max_replicas
+
+
 def groups(
-    items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T], int], cap: int
+    items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T], int], cap: float
 ) -> list[list[T]]:
     """items with equal key together, in order of first appearance, each group at most cap
     in total size (an item larger than cap alone)."""

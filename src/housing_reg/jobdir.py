@@ -38,6 +38,12 @@ CHECKPOINT = Path("checkpoints") / "last.ckpt"  # the resume point: rewritten ev
 # The model behind metrics.json: written as the job finishes, just before metrics.json, and
 # kept when a later retry (resume=true trainer.max_epochs=...) moves last.ckpt on.
 RESULT_CHECKPOINT = Path("checkpoints") / "result.ckpt"
+# A job checkpoint's record of its job (record.JobRecorder's state: its settings, data file and
+# history), under ckpt["callbacks"][RECORD]: what resume=true and evaluate check.
+RECORD = "JobRecorder"
+# A fused sweep's group tasks: SWEEP/.fused/K holds group K's job configs and its task's log,
+# never a job of the sweep (group.py).
+GROUPS = ".fused"
 
 
 class RecordError(ValueError):
@@ -112,10 +118,14 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def write_failure(out: Path, status: str, error: BaseException, config: dict[str, Any]) -> None:
-    """failure.json beside whatever the job already holds (a good metrics.json stays)."""
+def write_failure(
+    out: Path, status: str, error: BaseException, config: dict[str, Any], retry: bool = True
+) -> None:
+    """failure.json beside whatever the job already holds (a good metrics.json stays). retry:
+    whether running it again might end otherwise (not for refused settings or a diverged
+    fit); the sweep's summary offers the rerun command only then."""
     record = {"status": status, "error": f"{type(error).__name__}: {error}", "config": config}
-    write_json(out / "failure.json", record)
+    write_json(out / "failure.json", record | {"retry": retry})
 
 
 # -- the one reader ------------------------------------------------------------------------
@@ -130,6 +140,7 @@ class JobState:
     reason: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     note: str = ""  # e.g. a later retry failed while an earlier result stands
+    retry: bool = True  # whether running it again might end otherwise (write_failure)
 
     def replicas(self) -> list[dict[str, Any]]:
         """Per replica: seed, final metrics, test predictions and per-epoch curves."""
@@ -151,8 +162,13 @@ class JobState:
 
 def find_jobs(root: Path) -> list[Path]:
     """Every job directory under root (root included), in sweep order: Hydra writes .hydra/
-    as a job starts, so this finds running jobs too, and skips evaluate's outputs."""
-    found = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    as a job starts, so this finds running jobs too, and skips evaluate's outputs and the
+    group tasks of a fused sweep (a lost one gets a .hydra/ record of its own)."""
+    found = {
+        p.parent
+        for p in root.rglob(".hydra")
+        if p.is_dir() and GROUPS not in p.relative_to(root).parts
+    }
     return sorted(found, key=lambda p: [_natural(part) for part in p.relative_to(root).parts])
 
 
@@ -176,7 +192,8 @@ def read_state(path: Path) -> JobState:
         return JobState(path, "ok", metrics=m, note=note)
     if isinstance(failure, dict):
         status = str(failure.get("status", "failed"))
-        return JobState(path, status, str(failure.get("error", "unknown error")))
+        error = str(failure.get("error", "unknown error"))
+        return JobState(path, status, error, retry=failure.get("retry", True) is not False)
     if failure_file.exists():
         return JobState(path, "broken", "failure.json is unreadable")
     return JobState(path, "incomplete", "no metrics.json (still running, or killed)")
@@ -228,3 +245,21 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
 
     names = [short(k) for k in keys]
     return {k: n if names.count(n) == 1 else k for k, n in zip(keys, names, strict=True)}
+
+
+def training_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The config minus what may change between a run and its resumption: how long to train,
+    where output goes, how it is shown and how the job was (re)started."""
+    settings = {k: v for k, v in config.items() if not is_bookkeeping(k)}
+    if isinstance(settings.get("data"), dict):  # a file read as ever: older jobs lack these
+        defaults = {"delimiter": ",", "decimal": "."}
+        settings["data"] = {
+            k: v for k, v in settings["data"].items() if k not in defaults or v != defaults[k]
+        }
+    if isinstance(settings.get("head"), dict):  # head.range describes the head, and older
+        settings["head"] = {k: v for k, v in settings["head"].items() if k != "range"}  # lack it
+    trainer = config.get("trainer", {})
+    settings["trainer"] = {
+        k: v for k, v in trainer.items() if k != "max_epochs" and not is_bookkeeping(f"trainer.{k}")
+    }
+    return settings

@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
+from housing_reg import kernels
+
 Batch = tuple[torch.Tensor, torch.Tensor]  # x (R, B, F) or (N, F), y (R, B, 1) or (N, 1)
 
 
@@ -38,14 +40,12 @@ def denormals_flushed() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n while fitting, then restored: the next fit in the
-    process starts from the threads the process has (train.fit_threads chooses n where the
-    numbers do not depend on it)."""
+def intra_op_threads() -> Iterator[Callable[[int], None]]:
+    """Yields torch.set_num_threads for a fit (train.py: cores.Watch sets the threads as it
+    trains), and restores the process's threads after it: the next fit starts from those."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
     try:
-        yield
+        yield torch.set_num_threads
     finally:
         torch.set_num_threads(before)
 
@@ -61,6 +61,7 @@ class StackedMLP(nn.Module):
     def __init__(self, num_features: int, hidden: Sequence[int], seeds: Sequence[int]):
         super().__init__()
         sizes = [num_features, *hidden, 1]
+        self.sizes = sizes
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
@@ -85,10 +86,14 @@ class StackedMLP(nn.Module):
         if x.dim() == 2:
             x = x.expand(self.replicas, -1, -1)
         weights, biases = list(self.weights), list(self.biases)
-        if self.replicas == 1:
-            # A batched matmul of one matrix takes another kernel than one of several, which
-            # rounds differently in the last bits. A detached twin (no gradient reaches it)
-            # keeps a lone model's numbers those of the same replica in any fused fit.
+        twin = self.replicas == 1 and kernels.lone_needs_twin(
+            x.shape[1], self.sizes, torch.is_grad_enabled()
+        )
+        if twin:
+            # A batched matmul of one matrix may take another kernel than one of several,
+            # which rounds differently in the last bits (kernels.py says where). A detached
+            # twin (no gradient reaches it) keeps a lone model's numbers those of the same
+            # replica in any fused fit.
             x = torch.cat([x, x])
             weights = [torch.cat([w, w.detach()]) for w in weights]
             biases = [torch.cat([b, b.detach()]) for b in biases]
@@ -97,18 +102,7 @@ class StackedMLP(nn.Module):
             x = torch.baddbmm(b, x, w)
             if i < last:
                 x = torch.relu(x)
-        return x[: self.replicas]
-
-
-# Activations computed exactly (a maximum, a choice, one multiplication): their vectorized
-# body and scalar tail give the same bits, so neighbouring jobs that share one share its call.
-EXACT_HEADS = (nn.Identity, nn.ReLU, nn.LeakyReLU)
-# Activations whose kernels run fewer than SCALAR_BELOW elements all on the scalar path, forward
-# and backward: a vectorized body needs 2 x the SIMD width, 16 floats or more on any CPU torch
-# supports. Neighbouring jobs share a call of fewer elements than that, each job's element
-# (a training step's, batch size 1) then rounded as in its own call.
-SMALL_HEADS = (nn.Sigmoid, nn.Tanh, nn.Softplus)
-SCALAR_BELOW = 16
+        return x[: self.replicas] if twin else x
 
 
 class Heads(nn.Module):
@@ -116,7 +110,8 @@ class Heads(nn.Module):
     in replica order, one per job, so that each job's elements take the very kernel path of
     its lone run's call (elementwise kernels round their vectorized body and scalar tail
     differently). Neighbouring jobs share a call where that keeps each job's bits: over all
-    their replicas for EXACT_HEADS, under SCALAR_BELOW elements for SMALL_HEADS. A call costs
+    their replicas for kernels.EXACT_HEADS, under kernels.SCALAR_BELOW elements for
+    SMALL_HEADS where this torch is checked to keep them (kernels.small_calls_scalar). A call costs
     about 27 us a step (forward and backward), which a fit of 40 jobs would pay 40 times."""
 
     def __init__(self, parts: Sequence[tuple[int, nn.Module]]):
@@ -131,8 +126,10 @@ class Heads(nn.Module):
         heads: list[nn.Module] = []
         for n, head in zip(self.replicas, self.parts, strict=True):
             if heads and same_head(heads[-1], head):
-                small = (sizes[-1] + n) * rows < SCALAR_BELOW
-                if isinstance(head, EXACT_HEADS) or small:
+                small = (sizes[-1] + n) * rows < kernels.SCALAR_BELOW
+                if isinstance(head, kernels.EXACT_HEADS) or (
+                    small and kernels.small_calls_scalar(head)
+                ):
                     sizes[-1] += n
                     continue
             sizes.append(n)
@@ -153,8 +150,8 @@ class Heads(nn.Module):
 
 def same_head(a: nn.Module, b: nn.Module) -> bool:
     """Both the same activation, settings included (a slope, softplus's beta), of a kind
-    whose call jobs may share (EXACT_HEADS, SMALL_HEADS)."""
-    shared = isinstance(a, EXACT_HEADS + SMALL_HEADS)
+    whose call jobs may share (kernels.EXACT_HEADS, SMALL_HEADS)."""
+    shared = isinstance(a, kernels.EXACT_HEADS + kernels.SMALL_HEADS)
     return type(a) is type(b) and shared and repr(a) == repr(b)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from housing_reg.cli import release
+from housing_reg.sweep import release
 
 
 class RayDriver(Callback):
@@ -90,7 +90,7 @@ class RequireValidation(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         data = config.data
         if data.num_folds < 2 and data.val_fraction <= 0:
-            release(Path(config.hydra.sweep.dir))  # cli.Sweep locked it a moment ago
+            release(Path(config.hydra.sweep.dir))  # sweep.Sweep locked it a moment ago
             sys.exit(
                 "error: hparams_search minimizes val/mae, but data.val_fraction="
                 f"{data.val_fraction} and data.num_folds={data.num_folds} leave no validation "

@@ -106,6 +106,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None and not str(cfg.ckpt_path):
         raise ConfigError("ckpt_path is empty; point it at a job's checkpoints/last.ckpt")
     check_arguments(cfg.optim, "optim")
+    check_fuse(cfg.fuse)
     check_head_range(cfg.head)
     check_trainer(cfg.trainer)
     check_lr_scheduler(cfg)
@@ -125,6 +126,18 @@ def check_config(cfg: DictConfig) -> None:
         check_dialect(d.get("delimiter", ","), d.get("decimal", "."))
     except DataError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_fuse(fuse: DictConfig) -> None:
+    """Every `fuse` key, as the other groups' are checked (settings.py): one line naming it."""
+    if not isinstance(fuse.enabled, bool):
+        raise ConfigError(f"fuse.enabled={fuse.enabled!r} must be true or false")
+    cap = fuse.max_replicas
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(
+            f"fuse.max_replicas={cap!r} must be a whole number >= 1 (the most models one fit "
+            "trains), or null for no limit"
+        )
 
 
 # Trainer arguments whose meaning the manual, blocked loop changes (one optimizer step per

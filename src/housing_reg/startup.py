@@ -7,7 +7,7 @@ builds the job. A KeyboardInterrupt raised anywhere in there can land in a libra
 the job trained on). So while a job starts, SIGINT raises nothing: its handler removes what the
 start wrote (`discard`), prints one line and exits. Once training starts (`release`, called by
 train.fit just before Lightning's fit), Ctrl-C is a KeyboardInterrupt again, which Lightning
-turns into a graceful stop (cli.Interrupted). This module imports nothing heavy: the package's
+turns into a graceful stop (Interrupted, below). This module imports nothing heavy: the package's
 __init__ installs the guard before torch is imported.
 """
 
@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 NOT_STARTED = "interrupted before training started; nothing recorded"
 EXIT_STATUS = 130  # a Ctrl-C's: 128 + SIGINT, as a shell reports it
@@ -126,3 +127,18 @@ def _stop(signum: int, frame: FrameType | None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(EXIT_STATUS)  # at once: nothing started is worth finishing, or saving
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped training; checkpoints/last.ckpt holds the last whole epoch.
+    outcomes: of a fit of several jobs, what each job had come to (None: unfinished)."""
+
+    outcomes: list[Any] | None = None
+
+
+class NotStarted(Interrupted):
+    """Ctrl-C before any training started (reading data, building the model, Lightning's
+    set-up): nothing of the job was recorded, and nothing of its start is kept."""
+
+    def __init__(self) -> None:
+        super().__init__(NOT_STARTED)
