@@ -164,7 +164,7 @@ def test_a_diverging_job_fails_alone_and_the_others_train_on(make_cfg, tmp_path:
 def test_one_jobs_bad_settings_are_reported_before_training(make_cfg, tmp_path: Path, caplog):
     caplog.set_level(logging.INFO, logger="housing_reg.train")
     folds = ("data.fold=0", "data.fold=7")
-    cfgs = [make_cfg(f, "data.num_folds=4", *FAST, output_dir=tmp_path / f) for f in folds]
+    cfgs = [make_cfg(f, "data.num_folds=4", *QUICK, output_dir=tmp_path / f) for f in folds]
     run_jobs(train_jobs, cfgs)
     good, bad = (tmp_path / f for f in folds)
     assert (good / "metrics.json").exists()

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize(
-    "validation", [("data.val_fraction=0.2",), ("data.num_folds=2", "data.fold=1")]
+    "validation",
+    [("data.val_fraction=0.2",), ("data.num_folds=2", "data.fold=1", "data.batch_size=32")],
 )
 def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path, validation):
     """Replica 2 of a job with seed 10 is the lone run with seed 12, numbers and all: with a
