@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -129,18 +130,16 @@ def need(module: str, extra: str) -> ModuleType:
 # -- configs: composed once per session, a copy for each use --------------------------------
 _COMPOSED: dict[tuple[str, ...], bytes] = {}  # pickled
 _SPLIT: dict[tuple[str, ...], tuple[tuple[str, ...], list[Override]]] = {}
-CONF = Path(__file__).parents[1] / "conf"
 
 
 def compose_cfg(*overrides: str, output_dir: Path | str = "/unused") -> DictConfig:
     """compose("config", overrides) as the CLI composes a job's config, with output_dir set.
 
-    Hydra composes the config of each set of config-group choices and other structural
-    overrides (head=, +key=, ~key) once per session (about 0.15 s a time); every call gets a
-    deep copy of it, with the overrides that only set a value (optim.lr=0.01) applied to the
-    copy by Hydra's own code, as compose applies them after composing (what
-    hydra/launcher=fused's derive does for a sweep's jobs; test_helpers.py checks that the
-    result is compose's, key for key)."""
+    Hydra composes the config of each set of config-group choices once per session (about
+    0.15 s a time); every call gets a copy of it, with the other overrides (optim.lr=0.01,
+    +key=value, ~key) applied to the copy by the function compose applies them with, after
+    composing, in their order (as the fused sweeper derives a sweep's jobs from one composed
+    config). test_helpers.py checks that the result is compose's, key for key."""
     key = tuple(overrides)
     if key not in _SPLIT:
         _SPLIT[key] = _split(overrides)
@@ -155,30 +154,31 @@ def compose_cfg(*overrides: str, output_dir: Path | str = "/unused") -> DictConf
 
 
 def _split(overrides: Sequence[str]) -> tuple[tuple[str, ...], list[Override]]:
-    """The overrides compose needs (config-group choices, additions, deletions, anything
-    uncommon) and those that change one setting's value (key=value of a plain key)."""
+    """What compose does with each override, as Hydra's defaults list sorts them: a config
+    group's choice (head=tanh, ~logger, hydra/launcher=...) shapes the composition; any other
+    (optim.lr=0.01, +trainer.max_steps=100, ~head.range) is applied to the composed config,
+    in order, afterwards. Hydra's own settings (hydra.run.dir=...) are composed too: compose
+    drops the hydra node before it returns."""
     structural, values = ["output_dir=/unused"], []
     for o in OverridesParser.create().parse_overrides(list(overrides)):
-        top = o.key_or_group.split(".")[0]
-        plain = (
-            o.type == OverrideType.CHANGE
-            and not o.is_hydra_override()
-            and not o.is_sweep_override()
-            and o.package is None
-            and "/" not in o.key_or_group
-            and "." in o.key_or_group  # a key inside a group: head.range, optim.lr, ...
-            and not (CONF / o.key_or_group.replace(".", "/")).exists()  # not a nested group
-            and not isinstance(o.value(), dict)
-        ) or (
-            o.type == OverrideType.CHANGE
-            and o.key_or_group in ("seed", "threads", "checkpoint_every", "resume", "ckpt_path")
-            and not o.is_sweep_override()
-        )
-        if plain and top != "hydra":
-            values.append(o)
-        else:
+        group = o.package is None and _is_group(o.key_or_group)
+        if o.is_sweep_override() or o.is_hydra_override() or o.package is not None or group:
             structural.append(o.input_line)
+        else:
+            values.append(o)
     return tuple(structural), values
+
+
+_GROUPS: dict[str, bool] = {}
+
+
+def _is_group(key: str) -> bool:
+    """Whether key names a config group, by the repository compose reads (plugins' too)."""
+    if key not in _GROUPS:
+        with initialize_config_module("housing_reg.conf", version_base="1.3"):
+            repository = GlobalHydra.instance().config_loader().repository
+            _GROUPS[key] = repository.group_exists(key)
+    return _GROUPS[key]
 
 
 @pytest.fixture
