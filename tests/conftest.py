@@ -26,11 +26,11 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 FAST = ["trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0"]
@@ -137,8 +137,8 @@ def compose_cfg(*overrides: str, output_dir: Path | str = "/unused") -> DictConf
 
     Hydra composes the config of each set of config-group choices once per session (about
     0.15 s a time); every call gets a copy of it, with the other overrides (optim.lr=0.01,
-    +key=value, ~key) applied to the copy by the function compose applies them with, after
-    composing, in their order (as the fused sweeper derives a sweep's jobs from one composed
+    +key=value, ~key) applied to the copy as compose applies them, after composing, in their
+    order, through OmegaConf (as the fused sweeper derives a sweep's jobs from one composed
     config). test_helpers.py checks that the result is compose's, key for key."""
     key = tuple(overrides)
     if key not in _SPLIT:
@@ -148,9 +148,22 @@ def compose_cfg(*overrides: str, output_dir: Path | str = "/unused") -> DictConf
         with initialize_config_module("housing_reg.conf", version_base="1.3"):
             _COMPOSED[structural] = pickle.dumps(compose("config", overrides=list(structural)))
     cfg = pickle.loads(_COMPOSED[structural])  # a deep copy, in a third of deepcopy's time
-    ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+    for o in values:  # as compose applies them, after composing, in order
+        key, value = o.key_or_group, o.value()
+        if o.is_delete():  # ~key
+            parent, _, last = key.rpartition(".")
+            with open_dict(cfg):
+                del (OmegaConf.select(cfg, parent) if parent else cfg)[last]
+        elif o.is_add() and OmegaConf.select(cfg, key) is not None and not _is_container(value):
+            raise ConfigCompositionException(f"Could not append to config: '{key}' is set")
+        else:  # key=value: the key must exist (struct); +key / ++key: added
+            OmegaConf.update(cfg, key, value, merge=True, force_add=o.is_add() or o.is_force_add())
     cfg.output_dir = str(output_dir)
     return cfg
+
+
+def _is_container(value: object) -> bool:
+    return isinstance(value, dict | list)
 
 
 def _split(overrides: Sequence[str]) -> tuple[tuple[str, ...], list[Override]]:
@@ -176,8 +189,7 @@ def _is_group(key: str) -> bool:
     """Whether key names a config group, by the repository compose reads (plugins' too)."""
     if key not in _GROUPS:
         with initialize_config_module("housing_reg.conf", version_base="1.3"):
-            repository = GlobalHydra.instance().config_loader().repository
-            _GROUPS[key] = repository.group_exists(key)
+            _GROUPS[key] = bool(GlobalHydra.instance().config_loader().get_group_options(key))
     return _GROUPS[key]
 
 

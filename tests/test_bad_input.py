@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from housing_reg import csvfile
-from housing_reg.cli import check_choices, check_output_dirs
+from housing_reg.argv import check_choices, check_output_dirs
 from housing_reg.csvfile import DataError, load_csv
 from housing_reg.jobdir import RecordError
 from housing_reg.settings import USER_ERRORS, ConfigError

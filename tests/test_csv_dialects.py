@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from housing_reg import csvfile
-from housing_reg.cli import quote_paths
+from housing_reg.argv import quote_paths
 from housing_reg.csvfile import DataError, load_csv
 from housing_reg.evaluate import evaluate
 from housing_reg.jobdir import training_settings

@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from omegaconf import OmegaConf, open_dict
 
-from housing_reg.cli import quote_paths
+from housing_reg.argv import quote_paths
 from housing_reg.settings import check_config
 
 pytestmark = pytest.mark.unit

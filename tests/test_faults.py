@@ -20,10 +20,10 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from housing_reg.cli import record_failure
 from housing_reg.data import BOSTON_CSV, DataError, keras_split
 from housing_reg.evaluate import evaluate
 from housing_reg.jobdir import RecordError, read_state, write_json
+from housing_reg.runs import record_failure
 from housing_reg.settings import ConfigError
 from housing_reg.sweep import Sweep, lock, summarize, unlock
 from housing_reg.train import train

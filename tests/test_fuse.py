@@ -14,10 +14,10 @@ import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from housing_reg.cli import run_jobs
 from housing_reg.fit import fit_threads, head_elements
 from housing_reg.kernels import GRAIN
 from housing_reg.prepare import prepare
+from housing_reg.runs import run_jobs
 from housing_reg.train import train, train_jobs
 
 from conftest import FAST, compose_cfg, job_dirs, need, read_metrics, run_cli, scalars

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from housing_reg import memory
-from housing_reg.cli import run_jobs
 from housing_reg.data import RegressionData
 from housing_reg.evaluate import evaluate
 from housing_reg.jobdir import read_state
 from housing_reg.report import report
+from housing_reg.runs import run_jobs
 from housing_reg.settings import ConfigError
 from housing_reg.train import train, train_jobs
 

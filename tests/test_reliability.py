@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from housing_reg.cli import non_ascii_hint
+from housing_reg.argv import non_ascii_hint
 from housing_reg.csvfile import DataError
 from housing_reg.evaluate import evaluate
 from housing_reg.report import read_runs

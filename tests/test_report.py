@@ -24,10 +24,10 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from housing_reg.cli import record_failure
 from housing_reg.evaluate import evaluate
 from housing_reg.report import Estimate, Group, Run, Target, block_verdict, report, t_quantile
 from housing_reg.report import main as report_main
+from housing_reg.runs import record_failure
 from housing_reg.settings import ConfigError
 from housing_reg.sweep import summarize
 from housing_reg.train import train, train_jobs

@@ -49,7 +49,7 @@ def check_sweep(sweep: Path, heads: list[str]) -> None:
 
 
 def summary_heads(stdout: str) -> list[str]:
-    """The head column of the table cli.Sweep prints when a sweep ends (head, train MAE,
+    """The head column of the table sweep.Sweep prints when a sweep ends (head, train MAE,
     test MAE; one row per finished job, then a blank line)."""
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["head"])

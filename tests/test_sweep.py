@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from housing_reg import cli
+from housing_reg import argv
 from housing_reg.settings import ConfigError, check_fuse
 from housing_reg.sweep import check_job_dirs, summarize
 
@@ -132,9 +132,9 @@ def test_optuna_without_its_extra_names_the_extra(monkeypatch):
             raise ImportError(f"No module named {name!r}")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(cli.importlib, "import_module", without_optuna)
+    monkeypatch.setattr(argv.importlib, "import_module", without_optuna)
     with pytest.raises(ConfigError) as e:
-        cli.check_choices(["-m", "hparams_search=optuna"])
+        argv.check_choices(["-m", "hparams_search=optuna"])
     assert str(e.value) == (
         "hparams_search=optuna needs the `tune` extra: pip install -e '.[tune]' "
         "(or EXTRAS=dev,tune ./run setup)"
@@ -145,8 +145,8 @@ def test_optuna_without_its_extra_names_the_extra(monkeypatch):
 @pytest.mark.parametrize("mode", ["--cfg", "--info", "-c"])
 def test_multirun_with_another_mode_is_one_line(mode):
     with pytest.raises(ConfigError, match=f"^{mode} shows one job and cannot be combined with -m"):
-        cli.check_modes(["-m", "head=relu,none", mode, "job"])
-    cli.check_modes(["head=relu", mode, "job"])  # without -m: Hydra's own --cfg
+        argv.check_modes(["-m", "head=relu,none", mode, "job"])
+    argv.check_modes(["head=relu", mode, "job"])  # without -m: Hydra's own --cfg
 
 
 @pytest.mark.cli

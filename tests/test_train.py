@@ -10,7 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from housing_reg.cli import check_choices
+from housing_reg.argv import check_choices
 from housing_reg.data import FitData
 from housing_reg.fit import build_model
 from housing_reg.prepare import prepare

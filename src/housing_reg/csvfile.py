@@ -63,6 +63,9 @@ _SWAP_DECIMAL_STR = str.maketrans(",.", ".,")
 _DELIMITERS = (",", ";", "\t", "|")  # what a header of one column is tried against
 _EOL = re.compile(rb"\r\n?|\n")  # a line break, for open(newline="") and the csv module
 _NOT_EOL = re.compile(rb"[^\r\n]")
+# A CSV as Python's csv module and most files write it; data.delimiter and data.decimal
+# change it. Jobs recorded before those settings existed were read this way.
+DIALECT = {"delimiter": ",", "decimal": "."}
 _BLOCK_ROWS = 4096  # rows the exact path converts at a time
 
 
@@ -73,8 +76,8 @@ def load_csv(
     allow_constant: bool = False,
     need_target: bool = True,
     *,
-    delimiter: str = ",",
-    decimal: str = ".",
+    delimiter: str = DIALECT["delimiter"],
+    decimal: str = DIALECT["decimal"],
 ) -> Table:
     """Read a numeric CSV with a header row; every failure is a one-line DataError.
 

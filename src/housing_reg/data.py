@@ -18,11 +18,15 @@ import lightning as L
 import numpy as np
 import torch
 
-from housing_reg.csvfile import BOSTON_CSV, DataError, load_csv
+from housing_reg.csvfile import BOSTON_CSV, DIALECT, DataError, load_csv
 
 # Bundled data sets (data.name, read when data.path is null): CSV in datasets/, target's unit.
 BUNDLED = {"boston": ("boston.csv", "$1000s"), "diabetes": ("diabetes.csv", "")}
 TARGET_SCALINGS = ("none", "standard", "minmax")
+# Defaults of settings that jobs recorded before them lack (memory.py, settings.py, evaluate.py
+# read them from here): optimizer steps per block handed to Lightning, rows per evaluation chunk.
+STEPS_PER_BLOCK = 16
+EVAL_BATCH_SIZE = 4096
 
 
 # The model trains, and keeps its scalers, in float32.
@@ -326,16 +330,16 @@ class RegressionData(Batches):
         num_folds: int = 0,
         fold: int = 0,
         batch_size: int = 1,
-        steps_per_block: int = 16,
-        eval_batch_size: int = 4096,
+        steps_per_block: int = STEPS_PER_BLOCK,
+        eval_batch_size: int = EVAL_BATCH_SIZE,
         target_scaling: str = "none",
         target_range: Sequence[float] = (0.0, 1.0),
         name: str = "boston",
         target_label: str | None = None,
         target_unit: str | None = None,
         seeds: Sequence[int] = (0,),
-        delimiter: str = ",",
-        decimal: str = ".",
+        delimiter: str = DIALECT["delimiter"],
+        decimal: str = DIALECT["decimal"],
     ):
         """seeds: one shuffling order per model replica (model.replica_seeds)."""
         super().__init__()

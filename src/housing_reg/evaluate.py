@@ -23,8 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from housing_reg.cli import quote_paths
-from housing_reg.data import DataError, load_csv
+from housing_reg.argv import quote_paths
+from housing_reg.csvfile import DIALECT
+from housing_reg.data import EVAL_BATCH_SIZE, DataError, load_csv
 from housing_reg.jobdir import RECORD, job_of, load_checkpoint, write_json
 from housing_reg.model import Regressor, denormals_flushed, errors
 from housing_reg.record import spread, write_predictions, write_replicas
@@ -55,7 +56,7 @@ def evaluate(
         raise ConfigError(f"{ckpt_path} records no training settings; retrain with this version")
     model = load_model(ckpt, create(OmegaConf.create(config["head"]["activation"])))
     target = config["data"]["target"]
-    rows = config["data"].get("eval_batch_size", 4096)  # rows per chunk, as in training
+    rows = config["data"].get("eval_batch_size", EVAL_BATCH_SIZE)  # rows per chunk, as trained
     if data_path is None and (delimiter, decimal) != (None, None):
         raise ConfigError(
             "data.delimiter and data.decimal describe the CSV of data.path=...; the job's own "
@@ -82,7 +83,7 @@ def evaluate(
         pred, true = model.predict(x, rows), model.unscale(y).squeeze(-1)
         name, source = "test_split", f"test split of {config['data']['path'] or 'the bundled data'}"
     else:  # every row; without the target column, predictions only
-        trained = {"delimiter": ",", "decimal": "."} | config["data"]  # older jobs lack them
+        trained = DIALECT | config["data"]  # older jobs lack them
         dialect = {
             "delimiter": trained["delimiter"] if delimiter is None else delimiter,
             "decimal": trained["decimal"] if decimal is None else decimal,

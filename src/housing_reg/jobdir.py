@@ -1,6 +1,6 @@
 """What a job directory holds, the one reader of it, and its atomic writes.
 
-record.py writes a job directory during training, report.py, cli.py and evaluate read it; all
+record.py writes a job directory during training, report.py, sweep.py and evaluate read it; all
 import this module, which imports neither of them (nor Lightning).
 
 A job directory holds, once the job has finished:
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from housing_reg.csvfile import DIALECT
 
 METRICS = ("train/mae", "val/mae", "test/mae", "test/mse")
 CHECKPOINT = Path("checkpoints") / "last.ckpt"  # the resume point: rewritten every epoch
@@ -252,7 +254,7 @@ def training_settings(config: dict[str, Any]) -> dict[str, Any]:
     where output goes, how it is shown and how the job was (re)started."""
     settings = {k: v for k, v in config.items() if not is_bookkeeping(k)}
     if isinstance(settings.get("data"), dict):  # a file read as ever: older jobs lack these
-        defaults = {"delimiter": ",", "decimal": "."}
+        defaults = DIALECT
         settings["data"] = {
             k: v for k, v in settings["data"].items() if k not in defaults or v != defaults[k]
         }

@@ -12,7 +12,8 @@ its jobs), in float32:
                     wait for the train metrics (data.eval_batch_size rows at a time, else the
                     epoch's) with the metrics' update, and the peak of one optimizer step: its
                     activations, their gradients and the largest layer's gradient and
-                    optimizer temporaries; R=1 runs a detached twin (model.py), so twice
+                    optimizer temporaries; R=1 may run beside a detached twin (model.py,
+                    kernels.lone_needs_twin): counted twice, an upper bound
   evaluation        a chunk of data.eval_batch_size rows (else a whole split) through the
                     network without gradients, its outputs and metric updates, and the test
                     predictions kept for predictions.csv (or, in validation, the training
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from housing_reg.data import STEPS_PER_BLOCK
 from housing_reg.settings import ConfigError
 
 F32 = 4  # bytes of a float32
@@ -84,7 +86,7 @@ class Fit:
     def parts(self) -> dict[str, int]:
         """Bytes per part (the module docstring says what each holds)."""
         r = self.replicas
-        twin = 2 if r == 1 else r  # a lone model runs with its detached twin
+        twin = 2 if r == 1 else r  # a lone model may run with its detached twin
         sizes = [self.features, *self.hidden, 1]
         layers = list(zip(sizes[:-1], sizes[1:], strict=True))
         per_model = sum(i * o + o for i, o in layers)
@@ -150,7 +152,7 @@ def fit_of(cfgs: Sequence[DictConfig], splits: Sequence[Mapping[str, tuple[int, 
         jobs=len(cfgs),
         rows=rows,
         batch_size=int(first.data.batch_size),
-        steps_per_block=int(first.data.get("steps_per_block", 16)),
+        steps_per_block=int(first.data.get("steps_per_block", STEPS_PER_BLOCK)),
         eval_batch_size=first.data.get("eval_batch_size"),
         buffers=optimizer_buffers(first.optim),
         checkpoints=bool(checkpoints),

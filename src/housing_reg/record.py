@@ -311,9 +311,9 @@ def log_hparams(logger: TensorBoardLogger, config: dict[str, Any], metrics: dict
     if c["data"]["num_folds"]:  # without folds, data.fold means nothing: no "fold 0.0000" column
         hp["fold"] = c["data"]["fold"]
     names = [k for k in METRICS if k in metrics]
-    writer = logger.experiment
+    writer = logger.experiment  # a SummaryWriter: its file_writer writes summaries as they are
     for summary in hparams(hp, {k: metrics[k] for k in names}):
-        writer._get_file_writer().add_summary(summary)
+        writer.file_writer.add_summary(summary)
     writer.flush()
 
 
@@ -323,7 +323,7 @@ def log_image(logger: TensorBoardLogger, step: int, summary: bytes) -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     writer = logger.experiment
-    writer._get_file_writer().add_summary(Summary.FromString(summary), global_step=step)
+    writer.file_writer.add_summary(Summary.FromString(summary), global_step=step)
     writer.flush()
 
 

@@ -83,7 +83,7 @@ def is_loopback(address: str) -> bool:
 class RequireValidation(Callback):
     """Stops an Optuna search before its first trial when there is nothing to minimize.
 
-    The objective is validation MAE (cli.objective); without a validation split every trial
+    The objective is validation MAE (runs.objective); without a validation split every trial
     would return None, and Optuna would fail only after running them all.
     """
 

@@ -15,8 +15,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from housing_reg.csvfile import check_dialect
-from housing_reg.data import DataError, check_settings
+from housing_reg.csvfile import DIALECT, check_dialect
+from housing_reg.data import EVAL_BATCH_SIZE, DataError, check_settings
 from housing_reg.jobdir import RecordError
 
 
@@ -119,11 +119,13 @@ def check_config(cfg: DictConfig) -> None:
             d.fold,
             d.batch_size,
             d.steps_per_block,
-            d.get("eval_batch_size", 4096),
+            d.get("eval_batch_size", EVAL_BATCH_SIZE),
             d.target_scaling,
             d.target_range,
         )
-        check_dialect(d.get("delimiter", ","), d.get("decimal", "."))
+        check_dialect(
+            d.get("delimiter", DIALECT["delimiter"]), d.get("decimal", DIALECT["decimal"])
+        )
     except DataError as e:
         raise ConfigError(str(e)) from None
 
@@ -237,7 +239,7 @@ def check_lr_scheduler(cfg: DictConfig) -> None:
 def check_arguments(node: DictConfig, group: str) -> None:
     """Each key of a `_target_` node is an argument its class takes: `+optim.lrr=0.1` is a
     typo, which the optimizer would otherwise reject with a traceback."""
-    cls = get_class(node._target_)
+    cls = get_class(node["_target_"])
     params = inspect.signature(cls).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
@@ -245,7 +247,7 @@ def check_arguments(node: DictConfig, group: str) -> None:
         if not str(key).startswith("_") and key not in params:
             valid = [p for p in params if p not in ("self", "params")]
             raise ConfigError(
-                f"{group}.{key}: {node._target_} has no such setting; "
+                f"{group}.{key}: {node['_target_']} has no such setting; "
                 f"its settings are {', '.join(valid)}"
             )
 

@@ -32,7 +32,7 @@ STARTUP_FILES = frozenset({".hydra", "train.log"})
 class _State:
     enabled = False  # only under `python -m housing_reg.train` (guard_command)
     starting: list[Path] = []  # the job directories whose start is under way
-    made: list[Path] = []  # output directories this run created (cli.check_output_dirs)
+    made: list[Path] = []  # output directories this run created (argv.check_output_dirs)
     preexisting: set[Path] = set()  # ... and those named that existed before it
     # The line to print, given what the run was doing; cli.start sets it (a sweep's hint).
     describe: list[Callable[[], str]] = [lambda: NOT_STARTED]

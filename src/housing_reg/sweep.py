@@ -37,11 +37,11 @@ class Sweep(Callback):
         try:
             check_fuse(config.fuse)
         except ConfigError as e:
-            release(Path(config.hydra.sweep.dir))  # cli.check_output_dirs may have made it
+            release(Path(config.hydra.sweep.dir))  # argv.check_output_dirs may have made it
             sys.exit(f"error: {e}")
         lock(Path(config.hydra.sweep.dir))
         Sweep.active = Path(config.hydra.sweep.dir)
-        # Ctrl-C stops a job at once only while that job starts (cli.run_job, run_jobs): a
+        # Ctrl-C stops a job at once only while that job starts (runs.run_jobs): a
         # parallel sweep's own process must stop its workers, which a KeyboardInterrupt does.
         from housing_reg import startup
 

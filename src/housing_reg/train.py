@@ -1,8 +1,9 @@
 """Train and test one job: `python -m housing_reg.train [overrides]`, or `-m` for a sweep.
 
 `train(cfg)` is a plain function (tests call it with a composed config): build, fit, test.
-The job's files are written by record.JobRecorder; the command line's policy (exit codes,
-one-line errors, the sweep summary) lives in cli.py, and `main` is the thin Hydra wrapper.
+The job's files are written by record.JobRecorder; how a run ends (its record, its line, its
+exit status) is runs.py's, the command line's front cli.py's, and `main` is the thin Hydra
+wrapper.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from housing_reg import cli, cores, fuse, group, memory, startup
+from housing_reg import cli, cores, fuse, group, memory, runs, startup
 from housing_reg.fit import fit, fit_threads, threads_changed
 from housing_reg.model import denormals_flushed, intra_op_threads
 from housing_reg.prepare import fit_key, prepare, shapes
@@ -98,7 +99,7 @@ def train_jobs(cfgs: Sequence[DictConfig]) -> list[dict[str, Any] | BaseExceptio
 
 def refused(cfgs: Sequence[DictConfig], cfg: DictConfig, e: Exception) -> None:
     """A job of a group that will not train is logged as it is found, and only then
-    (`reported`: cli.run_jobs says no more of it); a lone job's error is cli.py's one line."""
+    (`reported`: runs.run_jobs says no more of it); a lone job's error is runs.py's one line."""
     if len(cfgs) > 1:
         log.error("job %s will not train: %s", Path(str(cfg.output_dir)).name, e)
         e.reported = True
@@ -107,8 +108,10 @@ def refused(cfgs: Sequence[DictConfig], cfg: DictConfig, e: Exception) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://housing_reg.conf", config_name="config")
 def main(cfg: DictConfig) -> float | dict[int, float | None] | None:
     if cfg.fuse.group:  # a fused sweep's task: several jobs (group.py)
-        return group.run_group(cfg.fuse.group, lambda cfgs: cli.run_jobs(train_jobs, cfgs))
-    return cli.run_job(train, cfg)
+        return group.run_group(
+            cfg.fuse.group, lambda cfgs: [v for v, _ in runs.run_jobs(train_jobs, cfgs)]
+        )
+    return runs.run_job(train_jobs, cfg)
 
 
 if __name__ == "__main__":

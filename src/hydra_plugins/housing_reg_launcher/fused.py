@@ -213,7 +213,7 @@ def with_launcher(config: DictConfig, node: DictConfig) -> DictConfig:
     """A copy of config whose hydra.launcher is node."""
     copy = pickle.loads(pickle.dumps(config))
     with read_write(copy.hydra), open_dict(copy.hydra):
-        copy.hydra.launcher = node
+        OmegaConf.update(copy, "hydra.launcher", node, merge=False)
     return copy
 
 
@@ -343,7 +343,7 @@ class FusedSweeper(Sweeper):
 
 try:  # the `tune` extra: hparams_search=optuna, whose batches of trials fuse as well
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-except ImportError:  # without the extra, hparams_search=optuna names it (cli.check_choices)
+except ImportError:  # without the extra, hparams_search=optuna names it (argv.check_choices)
     FusedOptunaSweeper = None
 else:
 
