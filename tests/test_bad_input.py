@@ -7,8 +7,6 @@ import io
 import math
 import re
 import string
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -19,10 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from housing_reg import csvfile
-from housing_reg.argv import check_choices
+from housing_reg.argv import check_choices, check_output_dirs
 from housing_reg.csvfile import DataError, load_csv
+from housing_reg.jobdir import RecordError
 from housing_reg.settings import USER_ERRORS, ConfigError
 from housing_reg.train import train
+
+from conftest import run_concurrently
 
 HEADER = "a,b,c,y"
 ROWS = [f"{i},{(i * 7) % 11},{i * i / 10},{2 * i + 1}" for i in range(20)]
@@ -132,6 +133,13 @@ SETTING_CASES = {
     "checkpoint_every negative": (["checkpoint_every=-1"], ["checkpoint_every=-1 must be >= 0"]),
     "ckpt_path missing": (["ckpt_path=/no/such.ckpt"], ["ckpt_path=/no/such.ckpt: no such file"]),
     "data.path empty": (["data.path=''"], ["data.path is empty", "null for the bundled data"]),
+    "lr nan": (["optim.lr=nan"], ["optim.lr=nan must be a finite number"]),
+    "hidden not whole": (["model.hidden=[64.5]"], ["model.hidden=[64.5] must be a non-empty list"]),
+    "optim key unknown": (
+        ["+optim.lrr=0.1"],
+        ["optim.lrr: torch.optim.RMSprop has no such"],
+    ),
+    "top-level key unknown": (["+lrr=0.1"], ["lrr: not a setting of housing_reg"]),
 }
 
 
@@ -140,6 +148,7 @@ def assert_nothing_trained(job: Path) -> None:
     assert not list(job.rglob("*.ckpt")), "a checkpoint was written"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", CSV_CASES)
 def test_bad_csv_is_one_clear_line(case: str, make_cfg, tmp_path: Path) -> None:
     content, overrides, fragments = CSV_CASES[case]
@@ -158,6 +167,7 @@ def test_bad_csv_is_one_clear_line(case: str, make_cfg, tmp_path: Path) -> None:
     assert_nothing_trained(tmp_path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", SETTING_CASES)
 def test_bad_setting_is_one_clear_line(case: str, make_cfg, tmp_path: Path) -> None:
     overrides, fragments = SETTING_CASES[case]
@@ -170,11 +180,13 @@ def test_bad_setting_is_one_clear_line(case: str, make_cfg, tmp_path: Path) -> N
     assert_nothing_trained(tmp_path)
 
 
+@pytest.mark.unit
 def test_directory_as_data_path(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read file"):
         train(make_cfg(f"data.path={tmp_path}"))
 
 
+@pytest.mark.unit
 def test_byte_order_mark_and_quotes_are_fine(tmp_path: Path) -> None:
     path = tmp_path / "excel.csv"
     path.write_bytes(b"\xef\xbb\xbf" + csv_text(header='"a", b ,c,y').encode())
@@ -183,6 +195,7 @@ def test_byte_order_mark_and_quotes_are_fine(tmp_path: Path) -> None:
     assert table.x.shape == (20, 3)
 
 
+@pytest.mark.unit
 def test_unknown_group_options_list_the_valid_ones() -> None:
     cases = {
         ("head=softsign",): "head=softsign is not an available option; choose one of: leaky_relu, "
@@ -205,27 +218,42 @@ def test_unknown_group_options_list_the_valid_ones() -> None:
     check_choices(["-m", "head=relu,tanh", "optim=adam", "optim.lr=1e-2", "+foo=1", "head=glob(*)"])
 
 
-def run_concurrently(commands: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
-    """Several `python -m ...` at once: each pays seconds of imports, the machine has cores."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", *c],
-            cwd=cwd,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for c in commands
-    ]
-    results = []
-    for c, p in zip(commands, procs, strict=True):
-        out, err = p.communicate(timeout=600)
-        results.append(subprocess.CompletedProcess(c, p.returncode, out, err))
-    return results
+@pytest.mark.unit
+def test_the_checks_the_command_line_makes_first_are_one_line(tmp_path: Path) -> None:
+    """Before Hydra composes anything, `python -m housing_reg.train` checks group choices and
+    that the output directory can be made (cli.start): each refusal one line."""
+    for args, message in [
+        (["hydra.run.dir=/proc/x"], "hydra.run.dir=/proc/x: cannot create that directory"),
+        (["-m", "hydra.sweep.dir=/proc/x"], "hydra.sweep.dir=/proc/x: cannot create that dir"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            check_output_dirs(args)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    check_output_dirs([f"hydra.run.dir={tmp_path / 'new' / 'job'}"])  # made, as Hydra needs
+    assert (tmp_path / "new" / "job").is_dir()
 
 
+@pytest.mark.unit
+def test_a_file_that_is_no_checkpoint_is_one_line(make_cfg, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    job = tmp_path / "job"
+    with pytest.raises(RecordError) as e:
+        train(make_cfg(f"ckpt_path={text}", output_dir=job))
+    assert str(e.value).startswith(f"{text}: not a housing_reg checkpoint")
+    assert "\n" not in str(e.value)
+    assert_nothing_trained(tmp_path)
+
+
+@pytest.mark.cli
 def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.csv"
+    """One refusal of each kind through the real command line: a group choice (checked
+    before Hydra), a bad file (DataError, recorded in the job directory) and a bad setting
+    (ConfigError). Each prints one line and exits 1; the other refusals are the same lines
+    raised in-process (SETTING_CASES, CSV_CASES, test_unknown_group_options_...). The file's
+    path holds '=', as a job directory's does: the command line quotes it for Hydra."""
+    bad = tmp_path / "0_head=relu" / "bad.csv"  # '=' in a path, as typed: quoted for Hydra
+    bad.parent.mkdir()
     bad.write_text(with_cell(5, 1, "abc"))
     train_cmd = ["housing_reg.train", "callbacks.progress_bar.refresh_rate=0"]
     cases = [
@@ -239,21 +267,11 @@ def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path: Path) -> None:
             f"error: {bad}, line 5, column 'b': 'abc' is not a number",
             tmp_path / "job",
         ),
-    ]
-    text = tmp_path / "notes.txt"
-    text.write_text("not a checkpoint\n")
-    cases += [  # each refused before training, in one line
-        (["optim.lr=nan"], "error: optim.lr=nan must be a finite number", None),
         (
-            ["logger=null"],
-            "error: logger=null: choose one of: csv, many_loggers, mlflow, tensorboard;",
-            None,
+            ["optim.lr=nan", f"hydra.run.dir={tmp_path / 'nan'}"],
+            "error: optim.lr=nan must be a finite number",
+            tmp_path / "nan",
         ),
-        (["model.hidden=[64.5]"], "error: model.hidden=[64.5] must be a non-empty list", None),
-        (["+optim.lrr=0.1"], "error: optim.lrr: torch.optim.RMSprop has no such setting", None),
-        (["+lrr=0.1"], "error: lrr: not a setting of housing_reg", None),
-        (["hydra.run.dir=/proc/x"], "error: hydra.run.dir=/proc/x: cannot create that dir", None),
-        ([f"ckpt_path={text}"], f"error: {text}: not a housing_reg checkpoint", None),
     ]
     results = run_concurrently([train_cmd + args for args, _, _ in cases], tmp_path)
     for (args, message, job), proc in zip(cases, results, strict=True):
@@ -332,6 +350,7 @@ def csv_with_defect(draw) -> tuple[bytes, str, np.ndarray, str | None]:
     return data, target, values, defect
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=csv_with_defect())
 def test_loader_loads_exactly_or_refuses(case) -> None:
@@ -351,6 +370,7 @@ def test_loader_loads_exactly_or_refuses(case) -> None:
 FUZZ_ALPHABET = '0123456789.,,,-+eE \n\r\t";abnifNA_\x00\u00e9\ufeff'
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=None)
 @given(
     data=st.one_of(st.binary(max_size=200), st.text(FUZZ_ALPHABET, max_size=200).map(str.encode)),
@@ -420,6 +440,7 @@ def numeric_csv(draw) -> str:
     return header + "".join(b + ",".join(r) for b, r in zip(breaks, rows, strict=True)) + end
 
 
+@pytest.mark.unit
 @settings(max_examples=400, deadline=None)
 @given(text=numeric_csv())
 def test_fast_and_exact_paths_agree(text: str):
@@ -430,6 +451,7 @@ def test_fast_and_exact_paths_agree(text: str):
         assert outcome(path, "y") == load_exactly(path, "y")
 
 
+@pytest.mark.unit
 @settings(max_examples=1000, deadline=None)
 @given(cell=st.text("0123456789+-.eE \t", max_size=8) | A_NUMERAL)
 def test_of_numeral_characters_float_and_loadtxt_take_exactly_the_numerals(cell: str):
@@ -450,6 +472,7 @@ def test_of_numeral_characters_float_and_loadtxt_take_exactly_the_numerals(cell:
         assert np.float64(by_float).tobytes() == np.float64(by_loadtxt).tobytes()
 
 
+@pytest.mark.unit
 def test_plain_csv_takes_the_fast_path_and_the_rest_the_exact_one(tmp_path: Path):
     plain = tmp_path / "plain.csv"
     plain.write_text(csv_text().replace("\n", "\r\n"))
@@ -471,6 +494,7 @@ def test_plain_csv_takes_the_fast_path_and_the_rest_the_exact_one(tmp_path: Path
         np.testing.assert_array_equal(other.y, table.y)
 
 
+@pytest.mark.unit
 def test_fields_past_the_csv_modules_size_limit_are_refused_on_both_paths(tmp_path: Path):
     limit = csv.field_size_limit(40)
     try:

@@ -18,7 +18,6 @@ from housing_reg.settings import ConfigError, check_config
 
 from conftest import FAST, job_dirs, need, read_metrics, run_cli, scalars
 
-pytestmark = pytest.mark.cli
 
 VAL = ("data.val_fraction=0.2", "callbacks.progress_bar.refresh_rate=0")
 # Early stopping, the best checkpoint tested, the lr each epoch, to TensorBoard and CSV.
@@ -41,6 +40,7 @@ def ckpt_callbacks(path: Path, sweep: str) -> dict:
     return json.loads(text.replace(f"/{sweep}/", "/SWEEP/"))
 
 
+@pytest.mark.cli
 def test_each_job_of_a_fused_fit_gets_its_own_callbacks_and_loggers(tmp_path: Path):
     """relu and sigmoid, two seeds each, one fit: sigmoid stops early (its val/mae is stuck
     at the mean price minus 1), relu trains on; every job's files, curves, best checkpoint
@@ -76,6 +76,7 @@ def test_each_job_of_a_fused_fit_gets_its_own_callbacks_and_loggers(tmp_path: Pa
     assert scalars(lone) == scalars(a[3])
 
 
+@pytest.mark.cli
 def test_any_stock_callback_by_its_target_and_its_own_checkpoint_file(tmp_path: Path):
     """The issue's commands as a user types them: EarlyStopping and LearningRateMonitor by
     _target_, and a ModelCheckpoint writing beside last.ckpt without touching it."""
@@ -103,6 +104,7 @@ def test_any_stock_callback_by_its_target_and_its_own_checkpoint_file(tmp_path: 
     assert mc["hyper_parameters"]["replicas"] == 1  # the job's share, a checkpoint of its own
 
 
+@pytest.mark.cli
 def test_mlflow_keeps_one_run_per_job_in_the_sweeps_store(tmp_path: Path):
     mlflow = need("mlflow", "mlflow")
     args = ("-m", "head=relu,sigmoid", "seed=0,1", "logger=mlflow", *FAST, *VAL)
@@ -119,6 +121,7 @@ def test_mlflow_keeps_one_run_per_job_in_the_sweeps_store(tmp_path: Path):
         assert run.info.status == "FINISHED"
 
 
+@pytest.mark.cli
 def test_clipping_through_lightnings_hook_under_bf16_mixed(tmp_path: Path):
     """trainer.precision=bf16-mixed with clipping: replica 1 of a two-replica job is the lone
     run with seed 1, clipped the same way (each replica by its own norm), and clipping acts."""
@@ -187,6 +190,7 @@ def test_a_logger_without_its_extra_names_the_extra(make_cfg, monkeypatch):
         check_config(make_cfg("logger=mlflow"))
 
 
+@pytest.mark.cli
 def test_a_refused_callback_is_one_line_on_the_command_line(tmp_path: Path):
     proc = run_cli(*FAST, "callbacks=[default,early_stopping]", "hydra.run.dir=j",
                    cwd=tmp_path, check=False)  # fmt: skip

@@ -19,6 +19,7 @@ intr 1 2 3
 """
 
 
+@pytest.mark.unit
 def test_busy_seconds_reads_only_this_process_cpus():
     tick = os.sysconf("SC_CLK_TCK")
     assert cores.busy_seconds(STAT, {0, 1}) == pytest.approx((250 + 260) / tick)
@@ -30,6 +31,7 @@ def sample(wall: float, busy: float | None, own: float) -> cores.Sample:
     return cores.Sample(wall, busy, own)
 
 
+@pytest.mark.unit
 def test_others_are_the_busy_time_this_process_did_not_use():
     before = sample(0.0, 10.0, 5.0)
     # 1 s: the CPUs were busy 1.9 s, this process used 1.0 of them: others 0.9 of a core
@@ -39,6 +41,7 @@ def test_others_are_the_busy_time_this_process_did_not_use():
     assert cores.others(sample(0.0, None, 5.0), sample(1.0, 11.9, 6.0)) == 0.0  # unknown
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("wanted", "cores_", "taken", "expected"),
     [
@@ -56,6 +59,7 @@ def test_the_rule(wanted, cores_, taken, expected):
     assert cores.threads(wanted, cores_, taken) == expected
 
 
+@pytest.mark.unit
 def test_a_watch_gives_up_a_core_while_another_program_uses_it(monkeypatch):
     """A fit that wants 2 threads on 2 CPUs: 1 while another program holds a core, 2 again
     once it has gone, each change heard once; between looks nothing is read."""
@@ -84,12 +88,14 @@ def test_a_watch_gives_up_a_core_while_another_program_uses_it(monkeypatch):
     assert watch.changes == 2
 
 
+@pytest.mark.unit
 def test_a_lone_job_wanting_one_thread_never_looks_again(monkeypatch):
     watch = cores.Watch(1, lambda n: None)
     monkeypatch.setattr(cores, "sample", lambda: pytest.fail("looked again"))
     assert watch.check() == 1
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat")
 def test_a_real_busy_process_is_seen():
     """A real busy loop beside this process is measured as most of a core taken."""

@@ -23,7 +23,7 @@ from housing_reg.report import settings_of
 from housing_reg.settings import ConfigError
 from housing_reg.train import train
 
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, read_metrics
 
 # 12 rows that table() writes in any dialect: numeric columns a, b, y and a text column
 # "side", empty in two rows.
@@ -85,6 +85,7 @@ def assert_rows(t: csvfile.Table, features: list[str]) -> None:
 
 
 # -- 10a: only the columns in use are read ---------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize("load", [load_csv, fast_only, exact_only])
 def test_a_text_column_left_out_of_the_features_is_not_read(tmp_path: Path, load):
     path = write(tmp_path, table())
@@ -102,12 +103,14 @@ def test_a_text_column_left_out_of_the_features_is_not_read(tmp_path: Path, load
         )
 
 
+@pytest.mark.unit
 def test_a_text_column_last_in_the_file_and_unused(tmp_path: Path):
     path = write(tmp_path, table(order="a,y,b,side"))
     for load in (load_csv, fast_only, exact_only):
         assert_rows(load(path, "y", ["a", "b"]), ["a", "b"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("load", [load_csv, exact_only])
 @pytest.mark.parametrize(
     ("change", "line", "fields"),
@@ -133,6 +136,7 @@ def test_rows_must_be_as_long_as_the_header_in_unused_columns_too(
 
 
 # -- 10c: data.delimiter and data.decimal -----------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("delimiter", "decimal"), [(";", ","), (";", "."), ("\t", ","), ("\\t", "."), ("|", ",")]
 )
@@ -153,6 +157,7 @@ def test_other_delimiters_and_decimal_commas_read_the_same_numbers(
     assert_rows(load_csv(quoted, "y", ["a", "b"], **dialect), ["a", "b"])
 
 
+@pytest.mark.unit
 def test_a_european_file_read_as_a_plain_csv_names_both_settings(tmp_path: Path):
     eu = write(tmp_path, table(";", ","))
     with pytest.raises(DataError) as e:
@@ -163,6 +168,7 @@ def test_a_european_file_read_as_a_plain_csv_names_both_settings(tmp_path: Path)
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "dialect", "message"),
     [
@@ -207,6 +213,7 @@ NONSENSE = [
 ]  # fmt: skip
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("delimiter", "decimal", "message"), NONSENSE)
 def test_nonsense_dialects_are_refused_in_one_line(tmp_path: Path, delimiter, decimal, message):
     with pytest.raises(DataError) as e:
@@ -214,6 +221,7 @@ def test_nonsense_dialects_are_refused_in_one_line(tmp_path: Path, delimiter, de
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("delimiter", "decimal", "message"), NONSENSE[:4] + NONSENSE[-2:])
 def test_nonsense_dialects_are_refused_before_the_data_is_read(
     make_cfg, delimiter, decimal, message
@@ -225,6 +233,7 @@ def test_nonsense_dialects_are_refused_before_the_data_is_read(
     assert str(e.value).startswith(message)
 
 
+@pytest.mark.unit
 def test_the_command_line_takes_delimiters_as_the_shell_passes_them():
     # bash turns data.delimiter=';' into data.delimiter=; which Hydra's grammar refuses
     assert quote_paths(["data.delimiter=;", "data.decimal=,", "data.delimiter=\\t"]) == [
@@ -238,6 +247,7 @@ def test_the_command_line_takes_delimiters_as_the_shell_passes_them():
     ]
 
 
+@pytest.mark.unit
 def test_jobs_from_before_the_dialect_settings_resume_and_report_alike():
     """A job recorded without data.delimiter and data.decimal read its file as ',' and '.'."""
     old = {"data": {"path": "a.csv", "target": "y"}, "seed": 0}
@@ -311,6 +321,7 @@ def outcome(path: Path, load, *args, **kwargs) -> object:
     return t.x.tobytes(), t.y.tobytes(), t.features
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=dialect_csv())
 def test_fast_and_exact_paths_agree_on_dialects_and_unused_text(case):
@@ -327,22 +338,21 @@ def test_fast_and_exact_paths_agree_on_dialects_and_unused_text(case):
         assert got == (x.tobytes(), y.tobytes(), tuple(features))
 
 
-# -- the real command line ---------------------------------------------------------------------
-def test_train_and_evaluate_a_european_csv_with_a_text_column_left_out(tmp_path: Path):
+# -- training and evaluating such a file ------------------------------------------------------
+@pytest.mark.unit
+def test_train_and_evaluate_a_european_csv_with_a_text_column_left_out(make_cfg, tmp_path: Path):
     eu = write(tmp_path, table(";", ","), "eu.csv")
     common = [f"data.path={eu}", "data.target=y", "data.features=[a,b]", "data.test_split=0.25"]
-    refused = run_cli(*common, *FAST, f"hydra.run.dir={tmp_path / 'refused'}", cwd=tmp_path,
-                      check=False)  # fmt: skip
-    lines = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
-    assert lines[0] == (
-        f"error: {eu}: the header is one column, 'a;side;b;y', and looks ';'-separated; "
+    with pytest.raises(DataError) as refused:
+        train(make_cfg(*common, *FAST, output_dir=tmp_path / "refused"))
+    assert str(refused.value) == (
+        f"{eu}: the header is one column, 'a;side;b;y', and looks ';'-separated; "
         "set data.delimiter=';' and data.decimal=','"
     )
     job = tmp_path / "job"
-    # as bash passes data.delimiter=';' data.decimal=','
-    run_cli(*common, "data.delimiter=;", "data.decimal=,", *FAST, f"hydra.run.dir={job}",
-            cwd=tmp_path)  # fmt: skip
+    # as bash passes data.delimiter=';' data.decimal=',', quoted as the command line does
+    dialect = quote_paths(["data.delimiter=;", "data.decimal=,"])
+    train(make_cfg(*common, *dialect, *FAST, output_dir=job))
     metrics = read_metrics(job)
     assert metrics["status"] == "ok" and np.isfinite(metrics["test/mae"])
     ckpt = job / "checkpoints" / "last.ckpt"

@@ -26,6 +26,8 @@ from housing_reg.data import (
 
 from conftest import set_up
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def boston() -> RegressionData:

@@ -16,6 +16,8 @@ from housing_reg.data import BOSTON_CSV, BUNDLED, DataError, keras_split
 
 from conftest import set_up
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = BOSTON_CSV.parent
 

@@ -20,6 +20,8 @@ from omegaconf import OmegaConf, open_dict
 from housing_reg.argv import quote_paths
 from housing_reg.settings import check_config
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).parents[1]
 PLUGINS = {  # a command that needs an extra is checked only where the extra is installed
     "hydra/launcher=ray": "hydra_plugins.hydra_ray_launcher",

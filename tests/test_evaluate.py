@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from housing_reg.csvfile import BOSTON_CSV, DataError, load_csv
 from housing_reg.evaluate import evaluate
+from housing_reg.report import main as report_main
 from housing_reg.settings import ConfigError
 from housing_reg.train import train
 
-from conftest import read_metrics, run_cli
+from conftest import compose_cfg, read_metrics, run_cli
 
 CKPT = Path("checkpoints") / "last.ckpt"
 
@@ -34,16 +34,10 @@ CKPT = Path("checkpoints") / "last.ckpt"
 def job(tmp_path_factory) -> Path:
     """A one-epoch job directory, as the CLI leaves it (.hydra/ included)."""
     out = tmp_path_factory.mktemp("job")
-    with initialize_config_module("housing_reg.conf", version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"output_dir={out}",
-                "trainer.max_epochs=1",
-                "data.batch_size=64",
-                "callbacks.progress_bar.refresh_rate=0",
-            ],
-        )
+    cfg = compose_cfg(
+        "trainer.max_epochs=1", "data.batch_size=64", "callbacks.progress_bar.refresh_rate=0",
+        output_dir=out,
+    )  # fmt: skip
     train(cfg)
     (out / ".hydra").mkdir()
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
@@ -75,6 +69,7 @@ def boston_without(column: str, to: Path) -> Path:
     return to
 
 
+@pytest.mark.unit
 def test_each_evaluation_in_a_job_gets_a_directory_of_its_own(job: Path, tmp_path: Path):
     """The same evaluation twice, one on a CSV named test.csv, one of another checkpoint of
     the job: four directories under JOB/evaluate, none rewritten by a later evaluation."""
@@ -104,6 +99,7 @@ def test_each_evaluation_in_a_job_gets_a_directory_of_its_own(job: Path, tmp_pat
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("where", ["copied", "checkpoints_folder"])
 def test_a_checkpoint_outside_a_job_evaluates_under_outputs(
     job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
@@ -129,6 +125,7 @@ def test_a_checkpoint_outside_a_job_evaluates_under_outputs(
     assert m[0]["mae"] == read_metrics(job)["test/mae"]
 
 
+@pytest.mark.unit
 def test_an_output_dir_that_holds_results_is_refused_and_kept(job: Path, tmp_path: Path):
     ckpt = job / CKPT
     given = tmp_path / "given"
@@ -145,32 +142,34 @@ def test_an_output_dir_that_holds_results_is_refused_and_kept(job: Path, tmp_pat
     assert evaluate(ckpt, output_dir=empty)["output_dir"] == str(empty)  # nothing to replace
 
 
+@pytest.mark.cli
 def test_unwritable_output_is_one_line(job: Path, tmp_path: Path):
     """Where evaluate cannot write (here a file stands where its directory would go): one
-    line naming the directory and the way out, exit 1, nothing left behind."""
-    job_copy = copy_job(job, tmp_path / "job")
+    line naming the directory and the way out, exit 1, nothing left behind. Through the
+    command line, with the job in a directory named as a sweep names them ('=' in its path,
+    which the command line quotes for Hydra)."""
+    job_copy = copy_job(job, tmp_path / "0_head=none")
     (job_copy / "evaluate").write_text("")  # JOB/evaluate cannot be made
+    proc = run_cli(
+        f"ckpt_path={job_copy / CKPT}", cwd=tmp_path, module="housing_reg.evaluate", check=False
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot write to {job_copy / 'evaluate'} (not a directory)")
+    assert line.endswith("pass output_dir=DIR to write elsewhere"), line
+    assert (job_copy / "evaluate").is_file()
+
+
+@pytest.mark.unit
+def test_an_output_dir_that_cannot_be_made_is_one_line(job: Path, tmp_path: Path, monkeypatch):
     (tmp_path / "afile").write_text("")
-    ckpt = f"ckpt_path={job_copy / CKPT}"
-    cases = [
-        (
-            (ckpt,),
-            f"cannot write to {job_copy / 'evaluate'} (not a directory)",
-            "pass output_dir=DIR to write elsewhere",
-        ),
-        (
-            (ckpt, "output_dir=afile/e"),
-            "cannot write to afile/e (Not a directory)",
-            "choose another output_dir",
-        ),
-    ]
-    for args, what, way_out in cases:
-        proc = run_cli(*args, cwd=tmp_path, module="housing_reg.evaluate", check=False)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-        line = last_line(proc)
-        assert line.startswith(f"error: {what}") and line.endswith(way_out), line
-        assert len(proc.stderr.strip().splitlines()) == 1
-    assert (job_copy / "evaluate").is_file() and (tmp_path / "afile").read_text() == ""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        evaluate(job / CKPT, output_dir="afile/e")
+    line = str(e.value)
+    assert line.startswith("cannot write to afile/e (Not a directory)") and "\n" not in line
+    assert line.endswith("choose another output_dir")
+    assert (tmp_path / "afile").read_text() == ""
 
 
 def small_disk() -> None:
@@ -179,23 +178,28 @@ def small_disk() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
 
 
+@pytest.mark.cli
 def test_a_disk_that_fills_leaves_no_half_an_evaluation(job: Path, tmp_path: Path):
     """predictions.csv for 506 rows outgrows the limit: one line, and what was written is
     gone: the new directory, or, in a given empty one, every file (it can be used again)."""
     job_copy = copy_job(job, tmp_path / "job")
     given = tmp_path / "given"
     given.mkdir()
-    for extra in ([], [f"output_dir={given}"]):
-        proc = subprocess.run(
+    procs = [  # both at once: each spends seconds importing
+        subprocess.Popen(
             [sys.executable, "-m", "housing_reg.evaluate", f"ckpt_path={job_copy / CKPT}"]
             + [f"data.path={BOSTON_CSV}", *extra],
             preexec_fn=small_disk,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=600,
         )
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert "(File too large); " in last_line(proc)
+        for extra in ([], [f"output_dir={given}"])
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 1 and "Traceback" not in err, err
+        assert "(File too large); " in err.strip().splitlines()[-1]
     assert list((job_copy / "evaluate").iterdir()) == [] and list(given.iterdir()) == []
     assert evaluate(job_copy / CKPT, output_dir=given)["output_dir"] == str(given)
 
@@ -210,6 +214,7 @@ def read_only(directory: Path) -> Iterator[None]:
         directory.chmod(0o755)
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_job_directory_is_one_line(job: Path, tmp_path: Path):
     job_copy = copy_job(job, tmp_path / "job")
@@ -224,29 +229,33 @@ def test_a_read_only_job_directory_is_one_line(job: Path, tmp_path: Path):
     )
 
 
-def test_report_that_cannot_write_is_one_line(job: Path, tmp_path: Path):
+@pytest.mark.unit
+def test_report_that_cannot_write_is_one_line(job: Path, tmp_path: Path, monkeypatch, capsys):
     """Into the sweep directory itself (here summary.csv cannot be opened, as in a read-only
-    sweep) and into --out: one line naming the directory and the way out."""
+    sweep) and into --out: one line naming the directory and the way out, exit status 2
+    (report.main, what `python -m housing_reg.report` runs)."""
     sweep = tmp_path / "sweep"
     copy_job(job, sweep / "0_head=none")
     (sweep / "summary.csv").mkdir()
     (tmp_path / "afile").write_text("")
+    monkeypatch.chdir(tmp_path)
     cases = [
         (
-            (str(sweep),),
+            [str(sweep)],
             f"cannot write to {sweep} (",
             "pass --out DIR to write the report elsewhere",
         ),
-        ((str(sweep), "--out", "afile/r"), "cannot write to afile/r (", "choose another --out"),
+        ([str(sweep), "--out", "afile/r"], "cannot write to afile/r (", "choose another --out"),
     ]
     for args, what, way_out in cases:
-        proc = run_cli(*args, cwd=tmp_path, module="housing_reg.report", check=False)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.startswith(f"error: {what}") and proc.stderr.endswith(f"{way_out}\n")
-        assert len(proc.stderr.splitlines()) == 1
+        assert report_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {what}") and err.endswith(f"{way_out}\n")
+        assert len(err.splitlines()) == 1
     assert not (sweep / "summary.md").exists()
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_report_into_a_read_only_sweep_is_one_line(job: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
@@ -260,6 +269,7 @@ def test_report_into_a_read_only_sweep_is_one_line(job: Path, tmp_path: Path):
     )
 
 
+@pytest.mark.cli
 def test_a_csv_without_the_target_is_predicted_row_by_row(job: Path, tmp_path: Path):
     """The predict-only use of a trained model: every row's prediction, the same as with the
     target column there; no truth, no MAE, and the output says so."""
@@ -283,6 +293,7 @@ def test_a_csv_without_the_target_is_predicted_row_by_row(job: Path, tmp_path: P
     assert with_target["predictions_only"] is False and with_target["mae"] > 0
 
 
+@pytest.mark.unit
 def test_load_csv_reads_a_file_without_its_target_only_when_asked(tmp_path: Path):
     data = boston_without("MEDV", tmp_path / "houses.csv")
     with pytest.raises(DataError, match="target column 'MEDV' not found; set data.target"):

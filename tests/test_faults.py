@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -25,10 +25,10 @@ from housing_reg.evaluate import evaluate
 from housing_reg.jobdir import RecordError, read_state, write_json
 from housing_reg.runs import record_failure
 from housing_reg.settings import ConfigError
-from housing_reg.sweep import summarize
+from housing_reg.sweep import Sweep, lock, summarize, unlock
 from housing_reg.train import train
 
-from conftest import job_dirs, read_metrics, replicas, run_cli
+from conftest import compose_cfg, job_dirs, read_metrics, replicas, run_cli
 
 QUIET = "callbacks.progress_bar.refresh_rate=0"
 TESTS = Path(__file__).parent
@@ -41,8 +41,7 @@ def numbers(metrics: dict) -> dict:
 
 
 def cfg_for(out: Path, *overrides: str):
-    with initialize_config_module("housing_reg.conf", version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={out}", QUIET, *overrides])
+    return compose_cfg(QUIET, *overrides, output_dir=out)
 
 
 def popen(*args: str, cwd: Path) -> subprocess.Popen:
@@ -72,6 +71,7 @@ def own_csv(path: Path, rows: int = 80) -> Path:
     return path
 
 
+@pytest.mark.cli
 def test_own_csv_sweep_keeps_good_jobs_when_one_diverges(tmp_path: Path) -> None:
     """Any CSV with a '/' in its path, through a sweep: one job diverges (NaN), the other's
     results, TensorBoard run and predictions survive, and the sweep exits 1 naming the job."""
@@ -118,8 +118,10 @@ def test_own_csv_sweep_keeps_good_jobs_when_one_diverges(tmp_path: Path) -> None
     assert len(failures) == 1 and failures[0].startswith(bad.name)
 
 
+@pytest.mark.cli
 def test_interrupt_resume_evaluate_and_rerun_match_an_uninterrupted_run(tmp_path: Path) -> None:
-    args = ("housing_reg.train", "trainer.max_epochs=3", "model.replicas=2", QUIET)
+    settings = ("trainer.max_epochs=3", "model.replicas=2", "data.batch_size=32")
+    args = ("housing_reg.train", *settings, QUIET)
     full, cut = tmp_path / "full", tmp_path / "cut"
     ckpt = cut / "checkpoints" / "last.ckpt"
     uninterrupted = popen(*args, f"hydra.run.dir={full}", cwd=tmp_path)
@@ -138,14 +140,10 @@ def test_interrupt_resume_evaluate_and_rerun_match_an_uninterrupted_run(tmp_path
     history = saved["callbacks"]["JobRecorder"]["history"]
     assert saved["epoch"] == 0 and len(history["train/mae"]) == 1
 
-    # Resume the cut run while the full run's checkpoint is evaluated on its test split.
-    resume = popen(*args, f"hydra.run.dir={cut}", "resume=true", cwd=tmp_path)
-    evaluation = popen(
-        "housing_reg.evaluate", f"ckpt_path={full}/checkpoints/last.ckpt", cwd=tmp_path
-    )
-    for p in (resume, evaluation):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
+    # Resume the cut run, and evaluate the full run's checkpoint on its test split, through
+    # the functions those commands run (the command line's own part: the lines above).
+    train(cfg_for(cut, *settings, "resume=true"))
+    evaluate(full / "checkpoints" / "last.ckpt")
     expected = read_metrics(full)
     assert numbers(read_metrics(cut)) == numbers(expected)  # bit-identical after resume
     for name in ("predictions.csv", "replicas.csv"):
@@ -176,6 +174,7 @@ def one_epoch_job(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.unit
 def test_ckpt_path_continues_to_the_same_numbers(one_epoch_job: Path, tmp_path: Path) -> None:
     ckpt = one_epoch_job / "checkpoints" / "last.ckpt"
     two = ("trainer.max_epochs=2", "data.batch_size=32", "data.val_fraction=0.1")
@@ -186,6 +185,7 @@ def test_ckpt_path_continues_to_the_same_numbers(one_epoch_job: Path, tmp_path: 
     assert numbers(resumed) == numbers(straight)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
@@ -209,11 +209,13 @@ def test_resuming_with_other_settings_is_refused(
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.unit
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
     m = train(cfg_for(tmp_path, "trainer.max_epochs=1", "data.batch_size=64", "resume=true"))
     assert m["epochs"] == 1 and (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.unit
 def test_evaluate_own_csv_matches_columns_by_name(one_epoch_job: Path, tmp_path: Path) -> None:
     """A CSV with columns reordered, an extra column and one row predicts the same numbers."""
     lines = BOSTON_CSV.read_text().splitlines()
@@ -236,6 +238,7 @@ def test_evaluate_own_csv_matches_columns_by_name(one_epoch_job: Path, tmp_path:
     assert results["five_rows"]["rows"] == 5 and results["five_rows"]["mae"] > 0
 
 
+@pytest.mark.cli
 def test_two_sweeps_started_together_never_share_a_directory(tmp_path: Path) -> None:
     """The default sweep dir with its timestamp frozen: the uid alone must tell them apart."""
     with initialize_config_module("housing_reg.conf", version_base="1.3"):
@@ -255,6 +258,7 @@ def test_two_sweeps_started_together_never_share_a_directory(tmp_path: Path) -> 
         assert [read_metrics(j)["head"] for j in job_dirs(s)] == ["none", "relu"]
 
 
+@pytest.mark.unit
 def test_write_json_is_atomic(tmp_path: Path) -> None:
     """A reader polling metrics.json while it is rewritten never sees a partial file."""
     path = tmp_path / "metrics.json"
@@ -279,6 +283,7 @@ def test_write_json_is_atomic(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left
 
 
+@pytest.mark.unit
 def test_same_seed_same_numbers(tmp_path: Path) -> None:
     settings = ("trainer.max_epochs=2", "data.batch_size=16", "model.replicas=2")
     settings += ("data.val_fraction=0.2",)
@@ -295,6 +300,7 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     assert {"housing_reg", "torch", "lightning", "python"} <= set(first["versions"])
 
 
+@pytest.mark.unit
 def test_sweep_summary_counts_a_killed_job_as_failed(tmp_path: Path) -> None:
     for name, status in (("0_head=none", "ok"), ("1_head=relu", None)):
         (tmp_path / name / ".hydra").mkdir(parents=True)
@@ -307,6 +313,7 @@ def test_sweep_summary_counts_a_killed_job_as_failed(tmp_path: Path) -> None:
     assert retry  # a killed job may well finish when run again
 
 
+@pytest.mark.unit
 def test_a_failed_retry_never_destroys_a_good_result(one_epoch_job: Path, tmp_path: Path):
     """Rerun a finished job's directory from a truncated checkpoint: the run fails with one
     line, failure.json records it beside the untouched metrics.json, and readers keep the
@@ -326,6 +333,7 @@ def test_a_failed_retry_never_destroys_a_good_result(one_epoch_job: Path, tmp_pa
     assert read.status == "ok" and "a later retry failed" in read.note
 
 
+@pytest.mark.unit
 def test_resuming_a_finished_job_changes_nothing(one_epoch_job: Path, tmp_path: Path):
     job = tmp_path / "job"
     shutil.copytree(one_epoch_job, job)
@@ -343,6 +351,7 @@ def mount_tmpfs(path: Path, size: str) -> None:
         pytest.skip("a full disk is simulated with a small tmpfs, which needs root to mount")
 
 
+@pytest.mark.cli
 def test_a_full_disk_fails_in_one_line_and_the_sweep_stops_with_its_summary(tmp_path: Path):
     disk = tmp_path / "disk"
     mount_tmpfs(disk, "150k")  # room for about one job
@@ -364,6 +373,7 @@ def test_a_full_disk_fails_in_one_line_and_the_sweep_stops_with_its_summary(tmp_
         subprocess.run(["umount", str(disk)])
 
 
+@pytest.mark.cli
 def test_a_full_disk_under_one_fused_job_fails_that_job_alone(tmp_path: Path):
     """Three heads train as one fit; job 1's directory is a full disk. Job 1 fails in one
     line, the other two finish with their own files, and no traceback is printed."""
@@ -389,6 +399,7 @@ def test_a_full_disk_under_one_fused_job_fails_that_job_alone(tmp_path: Path):
         subprocess.run(["umount", str(full)])
 
 
+@pytest.mark.cli
 def test_a_second_live_sweep_into_the_same_directory_is_refused(tmp_path: Path):
     sweep_dir = tmp_path / "s"
     sweep_dir.mkdir()
@@ -403,11 +414,25 @@ def test_a_second_live_sweep_into_the_same_directory_is_refused(tmp_path: Path):
     )
     assert not job_dirs(sweep_dir)
     held.release()  # the lock file stays, as a killed sweep's would: no lock is held
-    run_cli(*args, cwd=tmp_path)
-    assert [read_metrics(j)["status"] for j in job_dirs(sweep_dir)] == ["ok"]
-    assert not (sweep_dir / ".lock").exists()
 
 
+@pytest.mark.unit
+def test_a_stale_sweep_lock_is_taken_over(tmp_path: Path):
+    """A lock file that no process holds (a killed sweep's, as the CLI test above leaves it):
+    the next sweep takes it (the Sweep callback's lock), and frees it as it ends (the CLI tests
+    see a finished sweep leave none)."""
+    (tmp_path / ".lock").write_text("")
+    lock(tmp_path)
+    try:
+        assert Sweep.held is not None and Sweep.held.is_locked
+        with pytest.raises(Timeout):  # held now: a second sweep would be refused
+            FileLock(tmp_path / ".lock", timeout=0).acquire()
+    finally:
+        unlock(tmp_path)
+    assert Sweep.held is None and not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.unit
 def test_evaluate_reproduces_training_predictions_whatever_the_offsets(tmp_path: Path):
     """A timestamp-like feature (1e9 plus small values): scaling in float32 would lose it."""
     rng = np.random.default_rng(1)
@@ -434,6 +459,7 @@ def test_evaluate_reproduces_training_predictions_whatever_the_offsets(tmp_path:
         evaluate(job / "checkpoints" / "last.ckpt", str(beyond), tmp_path / "eval2")
 
 
+@pytest.mark.unit
 def test_metrics_json_is_strict_json(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     write_json(path, {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})

@@ -4,6 +4,7 @@ fit, and every job's directory holds exactly what its lone run writes, numbers i
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -16,9 +17,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from housing_reg.fit import fit_threads, head_elements
 from housing_reg.kernels import GRAIN
 from housing_reg.prepare import prepare
-from housing_reg.train import train
+from housing_reg.runs import run_jobs
+from housing_reg.train import train, train_jobs
 
-from conftest import FAST, job_dirs, need, read_metrics, run_cli, scalars
+from conftest import FAST, compose_cfg, job_dirs, need, read_metrics, run_cli, scalars
 
 # heads x seeds x folds x scalings, in 2 epochs: 24 jobs, 3 fits (the folds' sizes differ)
 GRID = (
@@ -29,6 +31,7 @@ GRID = (
     "data.target_scaling=none,minmax",
 )
 SAME = ("replicas.csv", "predictions.csv")
+QUICK = (*FAST, "data.batch_size=32")  # 13 steps an epoch
 
 
 def table(stdout: str) -> list[str]:
@@ -40,6 +43,7 @@ def files_of(job: Path) -> set[str]:
     return {str(p.relative_to(job)) for p in job.rglob("*") if "events" not in p.name}
 
 
+@pytest.mark.cli
 def test_fused_jobs_equal_unfused_jobs_one_by_one(tmp_path: Path):
     # The fused fits on 2 threads (train.fit_threads), whatever the cores; the lone jobs on 1.
     threads = {"OMP_NUM_THREADS": "2"}
@@ -53,6 +57,10 @@ def test_fused_jobs_equal_unfused_jobs_one_by_one(tmp_path: Path):
     assert table(fused.stdout) == table(plain.stdout.replace("plain", "fused"))
     a, b = job_dirs(tmp_path / "fused"), job_dirs(tmp_path / "plain")
     assert [j.name for j in a] == [j.name for j in b] and len(a) == 24
+    # The group's task trains the configs the sweeper composed, pickled in its group file.
+    group = pickle.loads((tmp_path / "fused/.fused/0/group.pkl").read_bytes())
+    assert [int(g.hydra.job.num) for g in group] == list(range(24))
+    assert [str(g.head.name) for g in group] == [read_metrics(j)["head"] for j in a]
     for x, y in zip(a, b, strict=True):
         assert files_of(x) == files_of(y), x.name
         for name in SAME:
@@ -89,14 +97,19 @@ def test_fused_jobs_equal_unfused_jobs_one_by_one(tmp_path: Path):
         )
 
 
-def test_replicas_per_job_and_the_cap(tmp_path: Path):
-    """model.replicas=K gives K replicas per job; fuse.max_replicas splits bigger groups."""
-    args = ("-m", "head=none,tanh,relu", "model.replicas=2", *FAST, "fuse.max_replicas=4")
-    proc = run_cli(*args, "hydra.sweep.dir=s", cwd=tmp_path)
-    out = proc.stderr + proc.stdout
-    assert "group 0: 2 jobs, 4 models" in out and "group 2: 1 jobs, 2 models" in out
-    lone = train_alone(tmp_path, "head=tanh", "model.replicas=2")
-    job = job_dirs(tmp_path / "s")[1]
+@pytest.mark.unit
+def test_replicas_per_job_and_the_cap(make_cfg, tmp_path: Path, caplog):
+    """model.replicas=K gives K replicas per job; fuse.max_replicas splits bigger fits (the
+    sweeper's groups too: test_fused_groups_run_under_another_launcher)."""
+    caplog.set_level(logging.INFO, logger="housing_reg.train")
+    args = ("model.replicas=2", *FAST, "data.batch_size=32", "fuse.max_replicas=4")
+    heads = ("head=none", "head=tanh", "head=relu")
+    outcomes = train_jobs([make_cfg(h, *args, output_dir=tmp_path / h) for h in heads])
+    assert all(isinstance(m, dict) for m in outcomes)
+    fits = [m.rsplit(",", 1)[0] for m in caplog.messages if m.startswith("fit ")]
+    assert fits == ["fit 1 of 2: 2 jobs, 4 models", "fit 2 of 2: 1 jobs, 2 models"]
+    lone = train(make_cfg("head=tanh", *args, output_dir=tmp_path / "lone"))
+    job = tmp_path / "head=tanh"
     assert read_metrics(job)["test/mae"] == lone["test/mae"]
     assert np.array_equal(
         np.load(job / "replicas.npz")["test_pred"],
@@ -104,6 +117,7 @@ def test_replicas_per_job_and_the_cap(tmp_path: Path):
     )
 
 
+@pytest.mark.unit
 def test_groups_keep_order_and_split_at_the_cap():
     """fuse.groups: equal keys together in order of first appearance, each group at most cap
     models in all, an item bigger than cap alone."""
@@ -121,59 +135,47 @@ def test_groups_keep_order_and_split_at_the_cap():
     ]
 
 
-def train_alone(tmp_path: Path, *overrides: str) -> dict:
-    run_cli(*overrides, *FAST, "hydra.run.dir=lone", cwd=tmp_path)
-    return read_metrics(tmp_path / "lone")
-
-
-def test_a_diverging_job_fails_alone_and_the_others_train_on(tmp_path: Path):
+@pytest.mark.unit
+def test_a_diverging_job_fails_alone_and_the_others_train_on(make_cfg, tmp_path: Path, caplog):
     """At lr=1e6 the unbounded head=none diverges in its first epoch, while sigmoid and tanh
-    (bounded, saturated) stay finite: one fit, one failed job, the others their lone runs."""
-    args = ("-m", "head=none,sigmoid,tanh", "optim.lr=1e6")
-    proc = run_cli(*args, *FAST, "hydra.sweep.dir=s", cwd=tmp_path, check=False)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "group 0: 3 jobs, 3 models, one task" in proc.stderr + proc.stdout
-    bad, *good = job_dirs(tmp_path / "s")
+    (bounded, saturated) stay finite: one fit, one failed job (recorded as a fused sweep's
+    task records it, cli.run_jobs), the others their lone runs."""
+    caplog.set_level(logging.INFO, logger="housing_reg.train")
+    heads = ("head=none", "head=sigmoid", "head=tanh")
+    cfgs = [make_cfg(h, "optim.lr=1e6", *QUICK, output_dir=tmp_path / h) for h in heads]
+    run_jobs(train_jobs, cfgs)
+    assert any(m.startswith("fit 1 of 1: 3 jobs, 3 models") for m in caplog.messages)
+    bad, *good = (tmp_path / h for h in heads)
     failure = json.loads((bad / "failure.json").read_text())
     assert failure["status"] == "failed" and "diverged" in failure["error"]
     assert not (bad / "metrics.json").exists()
-    plain = run_cli(
-        *args, *FAST, "fuse.enabled=false", "hydra.sweep.dir=p", cwd=tmp_path, check=False
-    )
-    assert plain.returncode == 1
-    p_bad, *p_good = job_dirs(tmp_path / "p")
-    for x, y in zip(good, p_good, strict=True):
+    assert all(read_metrics(g)["status"] == "ok" for g in good)
+    for head, x in zip(heads[1:], good, strict=True):
+        y = tmp_path / f"lone {head}"
+        train(make_cfg(head, "optim.lr=1e6", *QUICK, output_dir=y))
         assert (x / "replicas.csv").read_text() == (y / "replicas.csv").read_text()
         assert read_metrics(x)["history"] == read_metrics(y)["history"]
         assert scalars(x) == scalars(y)
-    assert "diverged" in json.loads((p_bad / "failure.json").read_text())["error"]
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train(make_cfg(heads[0], "optim.lr=1e6", *QUICK, output_dir=tmp_path / "lone none"))
 
 
-def test_one_jobs_bad_settings_are_reported_before_training(tmp_path: Path):
-    proc = run_cli(
-        "-m",
-        "data.fold=0,7",
-        "data.num_folds=4",
-        *FAST,
-        "hydra.sweep.dir=s",
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 1
-    good, bad = job_dirs(tmp_path / "s")
+@pytest.mark.unit
+def test_one_jobs_bad_settings_are_reported_before_training(make_cfg, tmp_path: Path, caplog):
+    caplog.set_level(logging.INFO, logger="housing_reg.train")
+    folds = ("data.fold=0", "data.fold=7")
+    cfgs = [make_cfg(f, "data.num_folds=4", *QUICK, output_dir=tmp_path / f) for f in folds]
+    run_jobs(train_jobs, cfgs)
+    good, bad = (tmp_path / f for f in folds)
     assert (good / "metrics.json").exists()
     assert "data.fold=7" in json.loads((bad / "failure.json").read_text())["error"]
-    log = proc.stdout  # Hydra's log goes to stdout
-    assert log.index("will not train: data.fold=7") < log.index("fit 1 of 1: 1 jobs, 1 models")
+    log = caplog.messages
+    refused = next(i for i, m in enumerate(log) if m.startswith("job data.fold=7 will not train"))
+    assert "data.fold=7" in log[refused][len("job data.fold=7 will not train") :]
+    assert refused < next(i for i, m in enumerate(log) if m.startswith("fit 1 of 1: 1 jobs"))
 
 
-def test_group_file_holds_composed_configs(tmp_path: Path):
-    run_cli("-m", "head=none,relu", *FAST, "hydra.sweep.dir=s", cwd=tmp_path)
-    group = pickle.loads((tmp_path / "s/.fused/0/group.pkl").read_bytes())
-    assert [str(g.head.name) for g in group] == ["none", "relu"]
-    assert [int(g.hydra.job.num) for g in group] == [0, 1]
-
-
+@pytest.mark.unit
 def test_a_derived_job_config_is_the_one_hydra_composes():
     """The sweeper composes the first job of each shape with Hydra and derives the others
     (fused.derive: the job's values set with OmegaConf.update, its task overrides and
@@ -203,25 +205,53 @@ def test_a_derived_job_config_is_the_one_hydra_composes():
             assert derived.hydra.job.override_dirname == hydras.hydra.job.override_dirname
 
 
-@pytest.mark.parametrize("launcher", ["parallel"])
-def test_fused_groups_run_under_another_launcher(tmp_path: Path, launcher: str):
-    args = ("-m", "head=none,relu", "data.target_scaling=none,standard", *FAST)
-    run_cli(*args, f"hydra/launcher={launcher}", "hydra.sweep.dir=l", cwd=tmp_path)
-    run_cli(*args, "hydra.sweep.dir=b", cwd=tmp_path)
-    for x, y in zip(job_dirs(tmp_path / "l"), job_dirs(tmp_path / "b"), strict=True):
-        assert (x / "replicas.csv").read_text() == (y / "replicas.csv").read_text()
+@pytest.mark.cli
+def test_fused_groups_run_under_another_launcher(tmp_path: Path):
+    """hydra/launcher=parallel runs each task in a child forked from the sweep's process: the
+    sweeper's groups, split at fuse.max_replicas (two tasks of two jobs), and the plain jobs
+    of an unfused sweep (four tasks) give the numbers of one fused fit under the basic
+    launcher (here in-process: train_jobs, as the basic launcher's task runs it)."""
+    args = ("-m", "head=none,relu", "data.target_scaling=none,standard", "model.replicas=2")
+    args = (*args, *QUICK)
+    parallel = "hydra/launcher=parallel"
+    capped = run_cli(*args, parallel, "fuse.max_replicas=4", "hydra.sweep.dir=l", cwd=tmp_path)
+    out = capped.stderr + capped.stdout
+    assert "group 0: 2 jobs, 4 models, one task" in out
+    assert "group 2: 2 jobs, 4 models, one task" in out
+    assert "Launching 2 jobs, 2 at a time in forked processes" in out
+    plain = run_cli(*args, parallel, "fuse.enabled=false", "hydra.sweep.dir=u", cwd=tmp_path)
+    assert "Launching 4 jobs, 2 at a time in forked processes" in plain.stderr + plain.stdout
+    # In this process, the one fit of all four jobs that the basic launcher runs.
+    basic = [tmp_path / "b" / str(i) for i in range(4)]
+    grid = [(h, s) for h in ("head=none", "head=relu") for s in ("none", "standard")]
+    cfgs = [
+        compose_cfg(h, f"data.target_scaling={s}", *args[3:], output_dir=b)
+        for (h, s), b in zip(grid, basic, strict=True)
+    ]
+    assert all(isinstance(m, dict) for m in train_jobs(cfgs))
+    sweeps = [job_dirs(tmp_path / d) for d in ("l", "u")] + [basic]
+    assert [len(s) for s in sweeps] == [4, 4, 4]
+    for x, y, z in zip(*sweeps, strict=True):
+        assert (x / "replicas.csv").read_text() == (z / "replicas.csv").read_text(), x.name
+        assert (y / "replicas.csv").read_text() == (z / "replicas.csv").read_text(), y.name
+        assert (
+            read_metrics(x)["history"] == read_metrics(y)["history"] == read_metrics(z)["history"]
+        )
 
 
+@pytest.mark.unit
 def test_lone_train_is_a_fit_of_one_job(make_cfg, tmp_path: Path):
     m = train(make_cfg(*FAST, output_dir=tmp_path / "a"))
     assert m["replicas"] == 1 and (tmp_path / "a/checkpoints/last.ckpt").is_file()
 
 
+@pytest.mark.cli
 def test_ctrl_c_stops_the_group_and_resume_continues_each_job(tmp_path: Path):
     """Ctrl-C in epoch 2 of 3 stops the fused group: every job is recorded as interrupted
     with its epoch-1 checkpoint, and resume=true finishes each job to the numbers of a sweep
     that was never interrupted."""
     args = ("-m", "head=none,tanh", "seed=0,5", "trainer.max_epochs=3", *FAST[1:])
+    args = (*args, "data.batch_size=32")
     by_num = "hydra.sweep.subdir=${hydra.job.num}"  # the same dirs without the interrupt
     ctrl_c = ("+callbacks.interrupt._target_=interrupt.InterruptAt", "+callbacks.interrupt.epoch=1")
     env = {"PYTHONPATH": str(Path(__file__).parent)}  # tests/interrupt.py
@@ -240,14 +270,23 @@ def test_ctrl_c_stops_the_group_and_resume_continues_each_job(tmp_path: Path):
         saved = torch.load(job / "checkpoints/last.ckpt", weights_only=True)
         assert saved["epoch"] == 0 and saved["hyper_parameters"]["replicas"] == 1
     run_cli(*args, by_num, "resume=true", "hydra.sweep.dir=cut", cwd=tmp_path)
-    run_cli(*args, by_num, "hydra.sweep.dir=full", cwd=tmp_path)
-    for a, b in zip(jobs, job_dirs(tmp_path / "full"), strict=True):
+    # Never interrupted: the fit of the same four jobs that the sweep's task trains.
+    settings = ("trainer.max_epochs=3", *QUICK[1:])
+    full = [tmp_path / "full" / str(i) for i in range(4)]
+    heads_seeds = [(h, s) for h in ("head=none", "head=tanh") for s in ("seed=0", "seed=5")]
+    cfgs = [
+        compose_cfg(h, s, *settings, output_dir=f)
+        for (h, s), f in zip(heads_seeds, full, strict=True)
+    ]
+    assert all(isinstance(m, dict) for m in train_jobs(cfgs))
+    for a, b in zip(jobs, full, strict=True):
         for name in SAME:
             assert (a / name).read_text() == (b / name).read_text(), (a.name, name)
         assert read_metrics(a)["history"] == read_metrics(b)["history"]
         assert not (a / "failure.json").exists()
 
 
+@pytest.mark.cli
 def test_optunas_batches_of_trials_fuse(tmp_path: Path):
     """hparams_search=optuna with 4 trials per batch, searching only the head: the batch
     trains as one fit, and every trial's numbers and Optuna's best value are the unfused ones."""
@@ -271,20 +310,25 @@ def test_optunas_batches_of_trials_fuse(tmp_path: Path):
     assert best[0] == best[1]
 
 
-def test_jobs_sharing_a_head_keep_their_own_head_call(tmp_path: Path):
+@pytest.mark.unit
+def test_jobs_sharing_a_head_keep_their_own_head_call(make_cfg, tmp_path: Path, caplog):
     """Two jobs of 10 replicas with the same sigmoid (or softplus) head: one call over all 20
     would round some replicas differently (vectorized body vs scalar tail), so each job's
-    head is called on its own replicas, and every number equals the unfused run's."""
-    args = ("-m", "head=sigmoid,softplus", "seed=0,10", "model.replicas=10")
-    args = (*args, "data.target_scaling=minmax", "trainer.max_epochs=1", *FAST[1:])
-    fused = run_cli(*args, "hydra.sweep.dir=f", cwd=tmp_path)
-    assert "fit 1 of 1: 4 jobs, 40 models" in fused.stdout
-    run_cli(*args, "fuse.enabled=false", "hydra.sweep.dir=p", cwd=tmp_path)
-    for x, y in zip(job_dirs(tmp_path / "f"), job_dirs(tmp_path / "p"), strict=True):
+    head is called on its own replicas, and every number equals the lone run's."""
+    caplog.set_level(logging.INFO, logger="housing_reg.train")
+    args = ("model.replicas=10", "data.target_scaling=minmax", "trainer.max_epochs=1", *QUICK[1:])
+    jobs = [(h, s) for h in ("head=sigmoid", "head=softplus") for s in ("seed=0", "seed=10")]
+    cfgs = [make_cfg(h, s, *args, output_dir=tmp_path / "f" / f"{h},{s}") for h, s in jobs]
+    assert all(isinstance(m, dict) for m in train_jobs(cfgs))
+    assert any(m.startswith("fit 1 of 1: 4 jobs, 40 models") for m in caplog.messages)
+    for h, s in jobs:
+        x, y = tmp_path / "f" / f"{h},{s}", tmp_path / "p" / f"{h},{s}"
+        train(make_cfg(h, s, *args, output_dir=y))
         for name in SAME:
             assert (x / name).read_text() == (y / name).read_text(), (x.name, name)
 
 
+@pytest.mark.unit
 def test_a_fit_of_several_jobs_pools_their_threads_where_each_keeps_its_bits(make_cfg, tmp_path):
     """A fit of several jobs trains on their threads together, within the process's own; a
     lone job on its own; so does a fit where a job's head would take more than GRAIN elements

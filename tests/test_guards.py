@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,16 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from housing_reg import memory
 from housing_reg.data import RegressionData
 from housing_reg.evaluate import evaluate
 from housing_reg.jobdir import read_state
 from housing_reg.report import report
+from housing_reg.runs import run_jobs
 from housing_reg.settings import ConfigError
+from housing_reg.train import train, train_jobs
 
-from conftest import read_metrics, run_cli
+from conftest import compose_cfg, read_metrics, run_cli
 
 QUIET = "callbacks.progress_bar.refresh_rate=0"
 BATCH = "data.batch_size=32"  # 13 steps an epoch: quick
@@ -36,9 +36,8 @@ TESTS = Path(__file__).parent
 CTRL_C = {"PYTHONPATH": str(TESTS)}  # tests/interrupt.py
 
 
-def cfg(*overrides: str):
-    with initialize_config_module("housing_reg.conf", version_base="1.3"):
-        return compose("config", overrides=["output_dir=/unused", *overrides])
+def cfg(*overrides: str, output_dir: Path | str = "/unused"):
+    return compose_cfg(*overrides, output_dir=output_dir)
 
 
 def fit_of(*overrides: str) -> memory.Fit:
@@ -55,83 +54,71 @@ def only_line(stderr: str) -> str:
 
 
 # -- memory ----------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_a_model_too_big_for_any_machine_is_refused_before_anything_is_built(tmp_path: Path):
     """model.hidden=[200000,200000] (160 GB of weights alone) used to fail inside torch
-    ("can't allocate 160000000000 bytes", printed twice): now one line, with both figures,
-    recorded in failure.json as a refused setting is, and nothing built."""
-    proc = run_cli(
-        "model.hidden=[200000,200000]", QUIET, "hydra.run.dir=job", cwd=tmp_path, check=False
-    )
-    assert proc.returncode == 1
-    line = only_line(proc.stderr)
-    assert line.startswith("error: model.hidden=[200000, 200000] with model.replicas=1 needs ")
+    ("can't allocate 160000000000 bytes", printed twice): now one line, with both figures, and
+    nothing built (the command line prints it and records it as any refused setting:
+    tests/test_bad_input.py)."""
+    job = tmp_path / "job"
+    with pytest.raises(ConfigError) as e:
+        train(cfg("model.hidden=[200000,200000]", QUIET, output_dir=job))
+    line = str(e.value)
+    assert "\n" not in line
+    assert line.startswith("model.hidden=[200000, 200000] with model.replicas=1 needs ")
     expected = memory.size(fit_of("model.hidden=[200000,200000]").needed())
     assert f"needs about {expected} of memory (parameters 149 GiB, gradients 149 GiB, " in line
     where = re.search(r"more than the [\d.]+ [KMGT]iB available \((.+?)\); lower model", line)
     assert where, line
     sources = ("MemAvailable in /proc/meminfo", "the cgroup limit in /sys/", memory.ENV)
     assert where.group(1).startswith(sources), line
-    assert "Traceback" not in proc.stderr and "memory" not in proc.stdout  # said once
-    job = tmp_path / "job"
-    failure = json.loads((job / "failure.json").read_text())
-    assert failure["status"] == "failed" and "needs about" in failure["error"]
-    assert not list(job.glob("events.*")) and not (job / "checkpoints").exists()
+    assert not job.exists()  # nothing built, nothing written
 
 
-def test_replicas_beyond_the_memory_limit_are_refused(tmp_path: Path):
+@pytest.mark.unit
+def test_replicas_beyond_the_memory_limit_are_refused(tmp_path: Path, monkeypatch):
     """model.replicas=100000 used to be killed by the OOM killer without a word on a small
-    machine; HOUSING_REG_MEMORY_LIMIT (documented in docs/faults.md) stands for one here."""
-    proc = run_cli(
-        "model.replicas=100000",
-        QUIET,
-        "hydra.run.dir=job",
-        cwd=tmp_path,
-        check=False,
-        env={memory.ENV: "8G"},
-    )
-    assert proc.returncode == 1
-    line = only_line(proc.stderr)
-    expected = memory.size(fit_of("model.replicas=100000").needed())
+    machine; HOUSING_REG_MEMORY_LIMIT (documented in docs/faults.md) stands for one here, a
+    small one, so that the replicas' data are quick to prepare."""
+    monkeypatch.setenv(memory.ENV, "64M")
+    with pytest.raises(ConfigError) as e:
+        train(cfg("model.replicas=2000", QUIET, output_dir=tmp_path / "job"))
+    line = str(e.value)
+    expected = memory.size(fit_of("model.replicas=2000").needed())
     assert line.startswith(
-        f"error: model.hidden=[64, 64] with model.replicas=100000 needs about {expected} "
+        f"model.hidden=[64, 64] with model.replicas=2000 needs about {expected} "
     )
-    assert f"more than the {memory.size(8 * 2**30)} available ({memory.ENV})" in line
-    assert json.loads((tmp_path / "job" / "failure.json").read_text())["status"] == "failed"
+    assert f"more than the {memory.size(64 * 2**20)} available ({memory.ENV})" in line
+    assert not (tmp_path / "job").exists()
 
 
-def test_a_fused_fit_too_big_for_memory_is_refused_with_the_cap_that_fits(tmp_path: Path):
+@pytest.mark.unit
+def test_a_fused_fit_too_big_for_memory_is_refused_with_the_cap_that_fits(
+    tmp_path: Path, monkeypatch
+):
     """Each job fits alone, the fit of all four does not: every job is refused before any
-    trains, naming the fit, both figures and the fuse.max_replicas that would fit."""
+    trains (as a fused sweep's task records it, cli.run_jobs), naming the fit, both figures
+    and the fuse.max_replicas that would fit."""
     one, four = fit_of("model.replicas=16", BATCH), fit_of("model.replicas=64", BATCH)
     four = replace(four, jobs=4)  # four jobs stack their rows per replica
     limit = (one.needed() + four.needed()) // 2
-    proc = run_cli(
-        "-m",
-        "seed=0,1,2,3",
-        "model.replicas=16",  # 64 models: one fit (fuse.max_replicas=512)
-        BATCH,
-        "trainer.max_epochs=1",
-        QUIET,
-        "hydra.sweep.dir=sweep",
-        cwd=tmp_path,
-        check=False,
-        env={memory.ENV: str(limit)},
-    )
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    jobs = sorted((tmp_path / "sweep").glob("[0-3]_*"))
-    assert len(jobs) == 4
+    monkeypatch.setenv(memory.ENV, str(limit))
+    settings = ("model.replicas=16", BATCH, "trainer.max_epochs=1", QUIET)  # 64 models: one fit
+    jobs = [tmp_path / f"{k}_seed={k}" for k in range(4)]
+    run_jobs(train_jobs, [cfg(f"seed={k}", *settings, output_dir=j) for k, j in enumerate(jobs)])
     cap = None
     for job in jobs:
         error = json.loads((job / "failure.json").read_text())["error"]
         assert "this fit of 4 jobs (64 models of widths [64, 64]) needs about" in error
         assert f"more than the {memory.size(limit)} available ({memory.ENV})" in error
         cap = int(re.search(r"lower fuse.max_replicas to (\d+) or less", error).group(1))
-        assert not list(job.glob("events.*"))
+        assert not list(job.glob("events.*")) and not (job / "metrics.json").exists()
     assert 16 <= cap < 64
     assert replace(four, replicas=cap).needed() <= limit
     assert replace(four, replicas=cap + 1).needed() > limit
 
 
+@pytest.mark.unit
 def test_what_is_available_comes_from_the_knob_then_the_cgroup_then_meminfo(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -162,6 +149,7 @@ def test_what_is_available_comes_from_the_knob_then_the_cgroup_then_meminfo(
         memory.available()
 
 
+@pytest.mark.unit
 def test_the_estimate_follows_the_settings_and_leaves_a_normal_job_alone():
     assert [memory.optimizer_buffers(cfg(f"optim={o}").optim) for o in ("rmsprop", "adam")] == [
         1,
@@ -211,6 +199,7 @@ def loading_torch(pid: int) -> bool:
         return False
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 def test_ctrl_c_while_a_job_starts_is_one_line_and_leaves_no_job_dir(tmp_path: Path):
     """Ctrl-C while torch is imported, just as Hydra has made the job directory, once it has
@@ -248,6 +237,7 @@ def epochs_in(ckpt: Path) -> int:
     return len(saved["history"]["train/mae"])
 
 
+@pytest.mark.cli
 def test_an_interrupted_retry_keeps_the_result_its_checkpoint_and_settings_together(
     tmp_path: Path,
 ):
@@ -257,7 +247,7 @@ def test_an_interrupted_retry_keeps_the_result_its_checkpoint_and_settings_toget
     the report names the interrupted retry. A Ctrl-C while a third try starts changes
     nothing."""
     job = tmp_path / "job"
-    run_cli(QUIET, BATCH, "trainer.max_epochs=2", f"hydra.run.dir={job}", cwd=tmp_path)
+    train(cfg(QUIET, BATCH, "trainer.max_epochs=2", output_dir=job))  # as a first run trains
     metrics = (job / "metrics.json").read_bytes()
     result = (job / "checkpoints" / "result.ckpt").read_bytes()
     assert result == (job / "checkpoints" / "last.ckpt").read_bytes()
@@ -309,24 +299,15 @@ def test_an_interrupted_retry_keeps_the_result_its_checkpoint_and_settings_toget
     assert after == before
 
 
+@pytest.mark.unit
 def test_a_run_stopped_between_checkpoints_saves_the_model_it_tested(tmp_path: Path):
     """checkpoint_every=5 and a callback stopping after 2 of 10 epochs: the last epoch is
     saved anyway, as result.ckpt beside the metrics it produced."""
     job = tmp_path / "job"
-    run_cli(
-        QUIET,
-        BATCH,
-        "trainer.max_epochs=10",
-        "checkpoint_every=5",
-        "+callbacks.stop._target_=interrupt.StopAt",
-        "+callbacks.stop.epochs=2",
-        f"hydra.run.dir={job}",
-        cwd=tmp_path,
-        env=CTRL_C,
-    )
+    stop = ("+callbacks.stop._target_=interrupt.StopAt", "+callbacks.stop.epochs=2")
+    train(cfg(QUIET, BATCH, "trainer.max_epochs=10", "checkpoint_every=5", *stop, output_dir=job))
     m = read_metrics(job)
     assert m["epochs"] == 2
     ckpt = job / "checkpoints" / "result.ckpt"
     assert epochs_in(ckpt) == 2
     assert evaluate(ckpt, output_dir=tmp_path / "eval")["mae"] == m["test/mae"]
-    shutil.rmtree(tmp_path / "eval")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import run_cli
+
+pytestmark = pytest.mark.cli
 
 
 def test_train_help_starts_with_the_package_and_its_three_commands(tmp_path: Path):

@@ -14,6 +14,7 @@ from housing_reg import fit, kernels, prepare
 from housing_reg.model import Heads, StackedMLP
 
 
+@pytest.mark.unit
 def test_every_probe_passes_on_this_torch():
     """If one fails after a torch upgrade, fits stay exact but slower: this test says which."""
     failed = [name for name, ok in kernels.probes().items() if not ok]
@@ -35,6 +36,7 @@ def fresh_probes():
     clear()
 
 
+@pytest.mark.unit
 def test_each_probe_fails_where_its_fact_is_wrong(monkeypatch, fresh_probes):
     """The probes are sensitive: told a wrong boundary, each finds the difference."""
     with monkeypatch.context() as m:
@@ -56,6 +58,7 @@ def step(net: StackedMLP, x: torch.Tensor, up: torch.Tensor) -> list[torch.Tenso
     return [out.detach(), *(w.grad for w in net.weights), *(b.grad for b in net.biases)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("rows", [1, 8, 102])
 @pytest.mark.parametrize("twin", ["as probed", "always"])
 def test_a_lone_model_gets_its_stacked_replicas_bits(monkeypatch, fresh_probes, rows, twin):
@@ -72,6 +75,7 @@ def test_a_lone_model_gets_its_stacked_replicas_bits(monkeypatch, fresh_probes, 
     assert all(torch.equal(a[0], b[1]) for a, b in zip(lone, stack, strict=True))
 
 
+@pytest.mark.unit
 def test_where_small_calls_are_not_checked_each_job_gets_its_own_call(monkeypatch):
     monkeypatch.setattr(kernels, "small_calls_scalar", lambda head: False)
     heads = Heads([(1, nn.Sigmoid()), (1, nn.Sigmoid()), (2, nn.ReLU()), (1, nn.ReLU())])
@@ -84,6 +88,7 @@ def prepared(make_cfg, tmp_path: Path, n: int) -> list[prepare.Prepared]:
     ]
 
 
+@pytest.mark.unit
 def test_where_threads_are_not_checked_a_fit_keeps_its_jobs_threads(
     make_cfg, tmp_path: Path, monkeypatch
 ):
@@ -100,6 +105,7 @@ def test_where_threads_are_not_checked_a_fit_keeps_its_jobs_threads(
         torch.set_num_threads(before)
 
 
+@pytest.mark.unit
 def test_where_stacks_are_not_checked_each_job_trains_alone(make_cfg, tmp_path: Path, monkeypatch):
     jobs = [
         prepare.prepare(i, make_cfg(f"seed={i}", output_dir=tmp_path / str(i))) for i in range(2)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from housing_reg.jobdir import is_bookkeeping
@@ -62,12 +63,14 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+@pytest.mark.unit
 def test_the_import_graph_has_no_circle():
     graph = imports()
     assert {"housing_reg.record", "housing_reg.report", "housing_reg.jobdir"} <= set(graph)
     assert cycle(graph) is None, " -> ".join(cycle(graph))
 
 
+@pytest.mark.unit
 def test_nothing_used_while_training_reaches_up_to_the_report():
     graph = imports()
     for module in ("housing_reg.record", "housing_reg.figures", "housing_reg.train"):
@@ -75,11 +78,13 @@ def test_nothing_used_while_training_reaches_up_to_the_report():
     assert graph["housing_reg.jobdir"] == {"housing_reg.csvfile"}  # the dialect's defaults
 
 
+@pytest.mark.unit
 def test_a_circle_is_found_when_there_is_one():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None
 
 
+@pytest.mark.unit
 def test_directory_names_leave_out_only_bookkeeping_keys():
     """conf/config.yaml's exclude_keys (what a sweep's job directories are not named by) and
     jobdir.BOOKKEEPING say the same thing: a key may be left out only if it is bookkeeping."""
@@ -88,6 +93,7 @@ def test_directory_names_leave_out_only_bookkeeping_keys():
     assert excluded and all(is_bookkeeping(k) for k in excluded), excluded
 
 
+@pytest.mark.cli
 def test_the_report_imports_neither_torch_nor_lightning():
     """The report reads files: importing Lightning (seconds) would be most of its time."""
     code = "import sys, housing_reg.report; print(sorted({'torch', 'lightning'} & {*sys.modules}))"
@@ -158,6 +164,7 @@ def upward(graph: dict[str, set[str]], layers: list[list[str]]) -> list[str]:
     ]
 
 
+@pytest.mark.unit
 def test_every_module_has_a_layer_and_imports_only_downwards():
     graph = imports()
     placed = {m for layer in LAYERS for m in layer}
@@ -165,6 +172,7 @@ def test_every_module_has_a_layer_and_imports_only_downwards():
     assert upward(graph, LAYERS) == []
 
 
+@pytest.mark.unit
 def test_an_upward_import_is_found_when_there_is_one():
     assert upward({"a": {"b"}, "b": set()}, [["a"], ["b"]]) == ["a -> b"]
     assert upward({"a": {"b"}, "b": set()}, [["a", "b"]]) == ["a -> b"]  # a layer's own
@@ -209,6 +217,7 @@ def private_uses(source: str) -> list[str]:
     return sorted(found, key=lambda f: int(f.split(":")[0].removeprefix("line ")))
 
 
+@pytest.mark.unit
 def test_the_sources_use_other_packages_through_their_public_interfaces():
     found = {
         str(path.relative_to(SRC)): uses
@@ -218,6 +227,7 @@ def test_the_sources_use_other_packages_through_their_public_interfaces():
     assert found == {}
 
 
+@pytest.mark.unit
 def test_a_private_use_is_found_when_there_is_one():
     code = """
 from hydra._internal.config_loader_impl import ConfigLoaderImpl

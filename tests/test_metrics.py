@@ -18,6 +18,8 @@ from housing_reg.train import train
 
 from conftest import FAST, replicas, set_up
 
+pytestmark = pytest.mark.unit
+
 
 def test_splits_come_in_chunks_of_eval_batch_size_and_setup_reads_the_file():
     data = RegressionData(eval_batch_size=7)

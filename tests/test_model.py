@@ -12,6 +12,8 @@ from hydra.utils import instantiate
 from housing_reg.model import Heads, StackedMLP
 from housing_reg.settings import ConfigError, check_config
 
+pytestmark = pytest.mark.unit
+
 HEADS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf/head").glob("*.yaml"))
 
 

@@ -1,4 +1,5 @@
-"""model.replicas=R: R independent models in one job, each equal to its own lone run."""
+"""model.replicas=R: R independent models in one job, each equal to its own lone run. (Jobs
+in forked processes, hydra/launcher=parallel: test_fuse.py's test_fused_groups_run_under_...)"""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import pytest
 
 from housing_reg.train import train
 
-from conftest import FAST, job_dirs, read_metrics, replicas, run_cli, scalars
+from conftest import FAST, replicas, scalars
+
+pytestmark = pytest.mark.unit
 
 
-def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
+@pytest.mark.parametrize(
+    "validation",
+    [("data.val_fraction=0.2",), ("data.num_folds=2", "data.fold=1", "data.batch_size=32")],
+)
+def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path, validation):
+    """Replica 2 of a job with seed 10 is the lone run with seed 12, numbers and all: with a
+    validation fraction, and on a fold (where the report counts a (fold, seed) that two jobs
+    trained once, trusting them to agree)."""
     many = train(
-        make_cfg(
-            *FAST,
-            "model.replicas=3",
-            "seed=10",
-            "data.val_fraction=0.2",
-            output_dir=tmp_path / "many",
-        )
+        make_cfg(*FAST, "model.replicas=3", "seed=10", *validation, output_dir=tmp_path / "many")
     )
-    lone = train(make_cfg(*FAST, "seed=12", "data.val_fraction=0.2", output_dir=tmp_path / "lone"))
+    lone = train(make_cfg(*FAST, "seed=12", *validation, output_dir=tmp_path / "lone"))
     per_replica = replicas(tmp_path / "many")
     third = per_replica[2]
     assert third["seed"] == 12
@@ -42,20 +46,6 @@ def test_replica_equals_a_lone_run_with_its_seed(make_cfg, tmp_path: Path):
     header = (tmp_path / "many" / "predictions.csv").read_text().splitlines()[0]
     assert header == "y_true,y_pred"
     assert np.load(tmp_path / "many" / "replicas.npz")["test_pred"].shape == (3, 102)
-
-
-def test_parallel_launcher_runs_jobs_in_forked_processes(tmp_path: Path):
-    """Each job in a child forked from the sweep's process: same numbers as the basic one.
-    (Unfused, so that there are two tasks; test_fuse.py runs fused groups under it.)"""
-    args = ("-m", "head=none,sigmoid", "fuse.enabled=false", *FAST)
-    proc = run_cli(*args, "hydra/launcher=parallel", "hydra.sweep.dir=par", cwd=tmp_path)
-    assert "Launching 2 jobs, 2 at a time in forked processes" in proc.stderr + proc.stdout
-    run_cli(*args, "hydra.sweep.dir=seq", cwd=tmp_path)
-    par, seq = (job_dirs(tmp_path / d) for d in ("par", "seq"))
-    assert [read_metrics(j)["head"] for j in par] == ["none", "sigmoid"]
-    for a, b in zip(par, seq, strict=True):
-        assert replicas(a) == replicas(b)
-        assert read_metrics(a)["history"] == read_metrics(b)["history"]
 
 
 def test_blocks_train_exactly_like_single_steps(make_cfg, tmp_path: Path):

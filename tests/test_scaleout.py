@@ -32,10 +32,6 @@ from housing_reg.scaleout import is_loopback, prepare_ray_env
 
 from conftest import job_dirs, need, read_metrics, run_cli, scalars
 
-# One pytest worker runs this module's tests one after another: two local Ray clusters at once
-# would compete for ports, memory and the machine's cores.
-pytestmark = pytest.mark.xdist_group("ray")
-
 HEADS = ["none", "relu", "sigmoid", "tanh"]
 TINY = ["trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0"]
 
@@ -166,6 +162,8 @@ def ray_head(root: Path, cwd: Path) -> Iterator[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.xdist_group("ray")  # one after another: two Rays at once would compete
 def test_ray_sweep_on_a_running_cluster(tmp_path: Path):
     """4 heads through hydra/launcher=ray_cluster on a `ray start --head` cluster.
 
@@ -204,6 +202,8 @@ def test_ray_sweep_on_a_running_cluster(tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.xdist_group("ray")  # one after another: two Rays at once would compete
 def test_ray_sweep_on_a_ray_the_launcher_starts(tmp_path: Path):
     """hydra/launcher=ray as the issue types it: the plugin starts and stops a local Ray."""
     need("hydra_plugins.hydra_ray_launcher", "ray")
@@ -241,6 +241,7 @@ def test_ray_sweep_on_a_ray_the_launcher_starts(tmp_path: Path):
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
+@pytest.mark.unit
 def test_ray_driver_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     for var in (
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
@@ -271,6 +272,7 @@ def test_ray_driver_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 
 # -- Slurm via submitit ---------------------------------------------------------------------
+@pytest.mark.cli
 def test_submitit_local_sweep(tmp_path: Path):
     """submitit pickles the job function and runs each job in its own process."""
     need("hydra_plugins.hydra_submitit_launcher", "slurm")
@@ -286,6 +288,7 @@ def test_submitit_local_sweep(tmp_path: Path):
     assert list((tmp_path / "sweep/.submitit").glob("*/*_log.out"))
 
 
+@pytest.mark.unit
 def test_slurm_preset_settings_are_overridable():
     need("hydra_plugins.hydra_submitit_launcher", "slurm")
     with initialize_config_module("housing_reg.conf", version_base="1.3"):
@@ -313,6 +316,7 @@ def test_slurm_preset_settings_are_overridable():
 OPTUNA = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.batch_size=32", *TINY]
 
 
+@pytest.mark.cli
 def test_optuna_minimizes_validation_mae_reproducibly(tmp_path: Path):
     optuna = need("optuna", "tune")
     db = f"sqlite:///{tmp_path / 'study.db'}"
@@ -341,6 +345,7 @@ def test_optuna_minimizes_validation_mae_reproducibly(tmp_path: Path):
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(val))
 
 
+@pytest.mark.unit
 def test_jobs_run_in_one_process_do_not_pile_up(
     make_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
@@ -359,6 +364,7 @@ def test_jobs_run_in_one_process_do_not_pile_up(
     assert [m() for m in models] == [None, None]
 
 
+@pytest.mark.cli
 def test_optuna_without_validation_rows_stops_before_any_trial(tmp_path: Path):
     need("optuna", "tune")
     proc = run_cli(*OPTUNA, "data.val_fraction=0", "hydra.sweep.dir=s", cwd=tmp_path, check=False)

@@ -24,6 +24,8 @@ from housing_reg.train import train
 
 from conftest import FAST, set_up
 
+pytestmark = pytest.mark.unit
+
 targets = arrays(np.float64, st.integers(1, 40), elements=st.floats(-1e3, 1e3))
 ranges = st.tuples(st.floats(-5, 5), st.floats(0.1, 10)).map(lambda t: (t[0], t[0] + t[1]))
 

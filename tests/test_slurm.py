@@ -27,7 +27,7 @@ import yaml
 from conftest import job_dirs, read_metrics, scalars
 
 # One pytest worker runs this module's tests one after another: they share the one-node Slurm.
-pytestmark = pytest.mark.xdist_group("slurm")
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("slurm")]
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "slurm_local.sh"
 QUIET = "callbacks.progress_bar.refresh_rate=0"

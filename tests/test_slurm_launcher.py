@@ -66,6 +66,7 @@ class FakeWatcher:
         return self.states.get(job_id, "PENDING")
 
 
+@pytest.mark.unit
 def test_collect_returns_one_result_per_job_in_order_and_stands_in_for_lost_ones(
     tmp_path: Path,
 ):
@@ -105,6 +106,7 @@ def test_collect_returns_one_result_per_job_in_order_and_stands_in_for_lost_ones
     assert watcher.asked.count(cancelled.job_id) > 1
 
 
+@pytest.mark.unit
 def test_collect_does_not_depend_on_what_a_task_stands_for(tmp_path: Path):
     """Hydra's Launcher contract, whatever each override list means (a fused sweeper's task
     may stand for several jobs): as many returns as jobs, in submission order, even when a
@@ -115,6 +117,7 @@ def test_collect_does_not_depend_on_what_a_task_stands_for(tmp_path: Path):
     assert collect(jobs, FakeWatcher({}), result_wait_s=0) == [f"task {i}" for i in range(5)]
 
 
+@pytest.mark.unit
 def test_a_job_ends_in_any_state_but_slurms_unfinished_ones():
     for state in ("COMPLETED", "CANCELLED by 0", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
         assert ended(state), state
@@ -153,6 +156,7 @@ def sacct_out(*rows: str) -> str:
     return "".join(f"{r}\n" for r in rows)
 
 
+@pytest.mark.unit
 def test_sacct_ids_expands_an_arrays_pending_record():
     assert sacct_ids("6") == ["6"] and sacct_ids("5_0") == ["5_0"]
     assert sacct_ids("5_[2]") == ["5_2"]
@@ -161,6 +165,7 @@ def test_sacct_ids_expands_an_arrays_pending_record():
         assert sacct_ids(step_or_other) == [], step_or_other
 
 
+@pytest.mark.unit
 def test_watcher_asks_squeue_about_jobs_sacct_does_not_list(fake_slurm: Path):
     watcher = SlurmWatcher(["5_0", "5_1", "5_2", "6"], poll_s=600)
     # Slurm 22.05: task 1 was cancelled while pending and has no record; the array's pending
@@ -200,6 +205,7 @@ def test_watcher_asks_squeue_about_jobs_sacct_does_not_list(fake_slurm: Path):
     assert len(calls(fake_slurm, "sacct")) == 3
 
 
+@pytest.mark.unit
 def test_watcher_learns_nothing_when_slurmctld_does_not_answer(fake_slurm: Path):
     watcher = SlurmWatcher(["8_0"], poll_s=600)
     (fake_slurm / "sacct.out").write_text("")
@@ -215,6 +221,7 @@ def test_watcher_learns_nothing_when_slurmctld_does_not_answer(fake_slurm: Path)
     assert watcher.state("8_0") == "CANCELLED"
 
 
+@pytest.mark.unit
 def test_without_accounting_the_watcher_goes_by_squeue_and_says_so_once(
     fake_slurm: Path, caplog: pytest.LogCaptureFixture
 ):
@@ -246,6 +253,7 @@ def test_without_accounting_the_watcher_goes_by_squeue_and_says_so_once(
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
 
 
+@pytest.mark.unit
 def test_watcher_asks_on_submitits_schedule(fake_slurm: Path):
     """Asked as often as collect likes (each second here), the watcher asks Slurm at once,
     then when more than half the time since the submission has passed since it last asked
@@ -265,6 +273,7 @@ def test_watcher_asks_on_submitits_schedule(fake_slurm: Path):
 
 
 # -- the launcher's settings ----------------------------------------------------------------
+@pytest.mark.unit
 def test_every_submitit_slurm_key_reaches_submitit(tmp_path: Path):
     """The launcher takes every key of hydra-submitit-launcher's submitit_slurm (its schema
     extends the plugin's) and hands each to submitit's executor, which refuses an unknown
@@ -339,6 +348,7 @@ def scan(extra: str) -> tuple[dict, str]:
     return json.loads(proc.stdout.splitlines()[-1]), proc.stderr
 
 
+@pytest.mark.cli
 def test_without_the_extra_the_scan_passes_over_the_launcher_quietly():
     found, stderr = scan("without")
     assert "hydra_plugins.housing_reg_launcher.ForkLauncher" in found["scanned"]
@@ -346,6 +356,7 @@ def test_without_the_extra_the_scan_passes_over_the_launcher_quietly():
     assert "Error importing" not in stderr and "Hydra plugins scanner" not in stderr, stderr
 
 
+@pytest.mark.cli
 def test_with_the_extra_hydras_own_scan_finds_every_plugin_of_ours():
     need("hydra_plugins.hydra_submitit_launcher", "slurm")
     found, stderr = scan("with")
@@ -358,6 +369,7 @@ def test_with_the_extra_hydras_own_scan_finds_every_plugin_of_ours():
     assert "Error importing" not in stderr and "Hydra plugins scanner" not in stderr, stderr
 
 
+@pytest.mark.cli
 def test_without_the_extra_the_slurm_preset_names_the_extra(tmp_path: Path):
     proc = subprocess.run(
         [

@@ -24,6 +24,7 @@ def last_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 # -- every fuse key, checked -------------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("enabled", "max_replicas", "fragment"),
     [
@@ -41,11 +42,13 @@ def test_each_fuse_setting_is_checked(enabled, max_replicas, fragment):
         check_fuse(fuse)
 
 
+@pytest.mark.unit
 def test_sensible_fuse_settings_pass():
     for enabled, cap in ((True, 1), (False, 512), (True, None)):  # None: no limit
         check_fuse(OmegaConf.create({"enabled": enabled, "max_replicas": cap, "group": None}))
 
 
+@pytest.mark.cli
 def test_a_bad_fuse_setting_stops_the_sweep_in_one_line_leaving_nothing(tmp_path: Path):
     proc = run_cli(
         "-m", "seed=0,1", "fuse.max_replicas=abc", *FAST, "hydra.sweep.dir=s",
@@ -56,6 +59,7 @@ def test_a_bad_fuse_setting_stops_the_sweep_in_one_line_leaving_nothing(tmp_path
     assert not (tmp_path / "s").exists()  # no multirun.yaml, no stale .lock
 
 
+@pytest.mark.cli
 def test_no_limit_on_a_fit_is_null(tmp_path: Path):
     proc = run_cli("-m", "seed=0,1,2", "fuse.max_replicas=null", *FAST, "hydra.sweep.dir=s",
                    cwd=tmp_path)  # fmt: skip
@@ -63,6 +67,7 @@ def test_no_limit_on_a_fit_is_null(tmp_path: Path):
 
 
 # -- one directory per job ---------------------------------------------------------------------
+@pytest.mark.cli
 def test_two_jobs_one_directory_is_refused_before_anything_trains(tmp_path: Path):
     for fused in ("true", "false"):
         sweep = tmp_path / f"s_{fused}"
@@ -78,6 +83,7 @@ def test_two_jobs_one_directory_is_refused_before_anything_trains(tmp_path: Path
         assert not sweep.exists(), fused  # nothing trained, nothing left
 
 
+@pytest.mark.unit
 def test_job_directories_are_checked_together():
     check_job_dirs(["a/0", "a/1"], [False, False])
     with pytest.raises(ConfigError, match="1 directory is shared"):
@@ -85,6 +91,7 @@ def test_job_directories_are_checked_together():
 
 
 # -- a second run into a finished sweep --------------------------------------------------------
+@pytest.mark.cli
 def test_rerunning_a_finished_sweep_is_refused_unless_resumed(tmp_path: Path):
     args = ("-m", "head=relu,tanh", *FAST, "hydra.sweep.dir=s")
     run_cli(*args, cwd=tmp_path)
@@ -105,6 +112,7 @@ def test_rerunning_a_finished_sweep_is_refused_unless_resumed(tmp_path: Path):
 
 
 # -- messages ----------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_the_next_commands_quote_a_path_with_a_space(tmp_path: Path):
     sweep = tmp_path / "my sweeps" / "s"
     (sweep / "0_head=none" / ".hydra").mkdir(parents=True)
@@ -115,6 +123,7 @@ def test_the_next_commands_quote_a_path_with_a_space(tmp_path: Path):
     assert f"tensorboard --logdir {shlex.quote(str(sweep))})" in hint
 
 
+@pytest.mark.unit
 def test_optuna_without_its_extra_names_the_extra(monkeypatch):
     real = importlib.import_module
 
@@ -132,6 +141,7 @@ def test_optuna_without_its_extra_names_the_extra(monkeypatch):
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", ["--cfg", "--info", "-c"])
 def test_multirun_with_another_mode_is_one_line(mode):
     with pytest.raises(ConfigError, match=f"^{mode} shows one job and cannot be combined with -m"):
@@ -139,12 +149,14 @@ def test_multirun_with_another_mode_is_one_line(mode):
     argv.check_modes(["head=relu", mode, "job"])  # without -m: Hydra's own --cfg
 
 
+@pytest.mark.cli
 def test_multirun_with_cfg_from_the_command_line(tmp_path: Path):
     proc = run_cli("-m", "head=relu,none", "--cfg", "job", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert last_line(proc).startswith("error: --cfg shows one job and cannot be combined with -m")
 
 
+@pytest.mark.cli
 def test_a_read_only_sweep_directory_is_one_line_and_no_sweep(tmp_path: Path):
     args = ("-m", "seed=0,1", *FAST, "hydra.sweep.dir=s")
     run_cli(*args, cwd=tmp_path)
@@ -175,6 +187,7 @@ def test_a_read_only_sweep_directory_is_one_line_and_no_sweep(tmp_path: Path):
     assert "resume=true" not in proc.stdout  # no job ran
 
 
+@pytest.mark.cli
 def test_a_refusal_in_a_sweep_is_said_once_and_offers_no_rerun(tmp_path: Path):
     proc = run_cli(
         "-m", "seed=0,1", "+trainer.accumulate_grad_batches=2", *FAST, "hydra.sweep.dir=s",

@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlencode
 from urllib.request import urlopen
 
-from conftest import FAST, job_dirs, run_cli
+import pytest
+
+from conftest import job_dirs
 
 
 def free_port() -> int:
@@ -23,12 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_tensorboard_shows_every_scalar_by_optimizer_step(tmp_path: Path):
-    run_cli("-m", "head=none,sigmoid", *FAST, "hydra.sweep.dir=sweep", cwd=tmp_path)
-    runs = [j.name for j in job_dirs(tmp_path / "sweep")]
+@pytest.mark.cli
+def test_tensorboard_shows_every_scalar_by_optimizer_step(readme_sweep):
+    """On the README's sweep (conftest.readme_sweep): four runs, two epochs each."""
+    runs = [j.name for j in job_dirs(readme_sweep.sweep)]
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "sweep")]
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(readme_sweep.sweep)]
         + ["--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -69,6 +71,7 @@ def test_tensorboard_shows_every_scalar_by_optimizer_step(tmp_path: Path):
         server.wait(timeout=30)
 
 
+@pytest.mark.unit
 def test_a_run_without_a_logger_writes_its_results_and_no_tensorboard_run(make_cfg, tmp_path):
     """`~logger` removes the logger group: the job trains and writes its files, no event file."""
     from housing_reg.train import train
@@ -79,6 +82,7 @@ def test_a_run_without_a_logger_writes_its_results_and_no_tensorboard_run(make_c
     assert not list(tmp_path.rglob("events.out.tfevents*"))
 
 
+@pytest.mark.unit
 def test_images_drawn_by_workers_are_those_drawn_here():
     """A fit's jobs' images come from forked workers (images.py), taken in any order; each is
     byte for byte the image this process draws for the same request."""
@@ -101,6 +105,7 @@ def test_images_drawn_by_workers_are_those_drawn_here():
     assert len(set(got.values())) == 3
 
 
+@pytest.mark.unit
 def test_pred_vs_true_image_drawn_again_has_a_new_figures_pixels():
     """figures.pred_vs_true_rgb draws each job's image on one figure per process, emptied and
     filled again: every image is pixel for pixel a new figure's, whatever the images before it

@@ -10,15 +10,17 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from housing_reg.argv import check_choices
 from housing_reg.data import FitData
 from housing_reg.fit import build_model
 from housing_reg.prepare import prepare
-from housing_reg.settings import create
+from housing_reg.settings import ConfigError, create
 from housing_reg.train import train
 
 from conftest import FAST, job_dirs, read_metrics, run_cli, scalars
 
 
+@pytest.mark.unit
 def test_overrides_reach_the_model_optimizer_and_trainer(make_cfg):
     cfg = make_cfg(
         *FAST,
@@ -41,6 +43,7 @@ def test_overrides_reach_the_model_optimizer_and_trainer(make_cfg):
     assert data.seeds == model.seeds == [5, 6]
 
 
+@pytest.mark.unit
 def test_train_writes_metrics_predictions_and_tensorboard(make_cfg, tmp_path: Path):
     metrics = train(make_cfg("head=none", *FAST))
     on_disk = read_metrics(tmp_path)
@@ -62,10 +65,12 @@ def test_train_writes_metrics_predictions_and_tensorboard(make_cfg, tmp_path: Pa
     assert len(tb["train/mae"]) == 2  # once per epoch, not per step
 
 
-def test_head_sweep_from_the_command_line(tmp_path: Path):
-    proc = run_cli("-m", "head=relu,none,sigmoid,tanh", *FAST, cwd=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]  # no lightning_logs/
-    jobs = job_dirs(tmp_path / "multirun")
+@pytest.mark.cli
+def test_head_sweep_from_the_command_line(readme_sweep):
+    """The README's sweep (conftest.readme_sweep): its job directories, numbers and table."""
+    root, stdout = readme_sweep.root, readme_sweep.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["multirun"]  # no lightning_logs/
+    jobs = job_dirs(root / "multirun")
     assert [j.name for j in jobs] == [
         f"{i}_head={h},trainer.max_epochs=2"
         for i, h in enumerate(["relu", "none", "sigmoid", "tanh"])
@@ -82,21 +87,27 @@ def test_head_sweep_from_the_command_line(tmp_path: Path):
     good = max(test_mae["relu"], test_mae["none"])
     assert min(test_mae["sigmoid"], test_mae["tanh"]) > 3 * good
     assert test_mae["sigmoid"] > 15
+    # Positive prices: relu is the identity, the same model as none, to the last bit.
+    assert read_metrics(jobs[0])["test/mae"] == read_metrics(jobs[1])["test/mae"]
+    assert (jobs[0] / "replicas.csv").read_text() == (jobs[1] / "replicas.csv").read_text()
     # The end-of-sweep table: what varied (the head), the MAEs, where it all went, what next.
-    table = proc.stdout[proc.stdout.index("head ") :].splitlines()
+    table = stdout[stdout.index("head ") :].splitlines()
     assert table[0].split() == ["head", "train", "MAE", "test", "MAE"]
     assert [row.split()[0] for row in table[1:5]] == ["relu", "none", "sigmoid", "tanh"]
     assert float(table[3].split()[2]) == pytest.approx(test_mae["sigmoid"], abs=1e-3)
     sweep_dir = jobs[0].parent
-    assert f"sweep directory: {sweep_dir.relative_to(tmp_path)}" in proc.stdout
-    assert f"next: python -m housing_reg.report {sweep_dir.relative_to(tmp_path)}" in proc.stdout
+    assert f"sweep directory: {sweep_dir.relative_to(root)}" in stdout
+    assert f"next: python -m housing_reg.report {sweep_dir.relative_to(root)}" in stdout
+    assert "group 0: 4 jobs, 4 models, one task" in stdout + readme_sweep.stderr  # one fit
+    assert not (sweep_dir / ".lock").exists()  # the sweep freed its directory
 
 
-def test_hparams_tab_lists_head_against_test_mae(tmp_path: Path):
+@pytest.mark.unit
+def test_hparams_tab_lists_head_against_test_mae(make_cfg, tmp_path: Path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    run_cli("head=sigmoid", "hydra.run.dir=job", *FAST, cwd=tmp_path)
-    acc = EventAccumulator(str(tmp_path / "job"))
+    train(make_cfg("head=sigmoid", *FAST, "data.batch_size=32"))
+    acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
@@ -106,6 +117,7 @@ def test_hparams_tab_lists_head_against_test_mae(tmp_path: Path):
     assert "test/mae" in [m.name.tag for m in exp.experiment.metric_infos]
 
 
+@pytest.mark.cli
 def test_glob_sweeps_every_head(tmp_path: Path):
     conf_heads = Path(__file__).parents[1] / "conf" / "head"
     heads = sorted(p.stem for p in conf_heads.glob("*.yaml"))
@@ -121,15 +133,18 @@ def test_glob_sweeps_every_head(tmp_path: Path):
     assert swept == heads
 
 
-def test_unknown_head_fails_before_training_and_lists_the_valid_ones(tmp_path: Path):
-    proc = run_cli("head=softmaxx", cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "softmaxx" in proc.stderr
+@pytest.mark.unit
+def test_unknown_head_fails_before_training_and_lists_the_valid_ones():
+    """What `python -m housing_reg.train head=softmaxx` checks first (cli.start), before
+    anything is composed or trained (tests/test_bad_input.py runs one such refusal)."""
+    with pytest.raises(ConfigError) as e:
+        check_choices(["head=softmaxx"])
+    assert str(e.value).startswith("head=softmaxx is not an available option; choose one of: ")
     for head in ("none", "relu", "sigmoid", "tanh"):
-        assert head in proc.stderr
-    assert not list(tmp_path.rglob("events.out.tfevents*"))
+        assert head in str(e.value)
 
 
+@pytest.mark.unit
 def test_metrics_json_is_plain_json(make_cfg, tmp_path: Path):
     train(make_cfg("trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0"))
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1
