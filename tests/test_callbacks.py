@@ -18,7 +18,6 @@ from housing_reg.settings import ConfigError, check_config
 
 from conftest import FAST, job_dirs, need, read_metrics, run_cli, scalars
 
-
 VAL = ("data.val_fraction=0.2", "callbacks.progress_bar.refresh_rate=0")
 # Early stopping, the best checkpoint tested, the lr each epoch, to TensorBoard and CSV.
 EVERYTHING = (
