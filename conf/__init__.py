@@ -16,10 +16,19 @@ OmegaConf.register_new_resolver(
 OmegaConf.register_new_resolver(
     "path_safe", lambda s: str(s).replace("/", "_").replace("\\", "_")[:200], replace=True
 )
-# hydra/launcher=parallel: as many worker processes as there are cores for `threads` each.
+
+
+# hydra/launcher=parallel: as many worker processes as there are cores for `threads` each,
+# counting the cores this process may use (taskset, a container, a Slurm allocation).
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 OmegaConf.register_new_resolver(
     "housing_reg.parallel_jobs",
-    lambda threads: max(1, (os.cpu_count() or 1) // int(threads)),
+    lambda threads: max(1, _usable_cpus() // int(threads)),
     replace=True,
 )
 

@@ -325,7 +325,7 @@ def write_job(
         "test/mae": (pred - true).abs().mean(dim=1),
         "test/mse": ((pred - true) ** 2).mean(dim=1),
     }
-    recorder = JobRecorder(resolved(cfg), data, None, slice(0, len(seeds)), {})
+    recorder = JobRecorder(resolved(cfg), data, [], slice(0, len(seeds)), {})
     train_mae = results["test/mae"].tolist()  # a stand-in curve: the report reads the last
     recorder.history["train/mae"] = [[v * (epochs - e) for v in train_mae] for e in range(epochs)]
     recorder.fit_seconds = [1.0]

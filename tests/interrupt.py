@@ -20,7 +20,10 @@ def ctrl_c() -> None:
 
 class InterruptAt(L.Callback):
     """Ctrl-C when epoch `epoch` starts: after the previous epoch's checkpoint, before
-    training ends, whatever the machine's speed."""
+    training ends, whatever the machine's speed. Per job in a fused fit (`fuses`): the first
+    job to reach that epoch stops the whole fit, as a Ctrl-C does."""
+
+    fuses = True
 
     def __init__(self, epoch: int):
         self.epoch = epoch

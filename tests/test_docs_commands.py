@@ -27,6 +27,7 @@ PLUGINS = {  # a command that needs an extra is checked only where the extra is 
     "hydra/launcher=ray": "hydra_plugins.hydra_ray_launcher",
     "hydra/launcher=slurm": "hydra_plugins.hydra_submitit_launcher",
     "hparams_search=optuna": "hydra_plugins.hydra_optuna_sweeper",
+    "logger=mlflow": "mlflow",
 }
 
 

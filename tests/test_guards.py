@@ -97,7 +97,7 @@ def test_a_fused_fit_too_big_for_memory_is_refused_with_the_cap_that_fits(
     tmp_path: Path, monkeypatch
 ):
     """Each job fits alone, the fit of all four does not: every job is refused before any
-    trains (as a fused sweep's task records it, cli.run_jobs), naming the fit, both figures
+    trains (as a fused sweep's task records it, runs.run_jobs), naming the fit, both figures
     and the fuse.max_replicas that would fit."""
     one, four = fit_of("model.replicas=16", BATCH), fit_of("model.replicas=64", BATCH)
     four = replace(four, jobs=4)  # four jobs stack their rows per replica

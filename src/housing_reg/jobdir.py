@@ -53,7 +53,7 @@ class RecordError(ValueError):
 
 
 # Config keys that are bookkeeping, not settings: where a job writes, how it is shown, how it
-# was (re)started. A resumed job may change them (record.training_settings), the report never
+# was (re)started. A resumed job may change them (jobdir.training_settings), the report never
 # groups by them, a sweep's directory names leave them out (conf/config.yaml's exclude_keys,
 # checked against this list by tests/test_layout.py), and a fused sweep keeps them per job
 # (fuse.py). Dotted entries name a key inside a group.

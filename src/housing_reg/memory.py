@@ -19,7 +19,7 @@ its jobs), in float32:
                     predictions kept for predictions.csv (or, in validation, the training
                     predictions still waiting)
   checkpoint        a checkpoint (parameters and optimizer state) serialized in memory
-                    (record.to_bytes, with io.BytesIO's slack), or loaded to resume
+                    (checkpoints.to_bytes, with io.BytesIO's slack), or loaded to resume
   initialization    a layer's random draws for one replica (model.StackedMLP), twice
   data              a fit of several jobs stacks every split once per replica (data.FitData)
 Parameters, gradients, optimizer state and stacked data live throughout; the others take

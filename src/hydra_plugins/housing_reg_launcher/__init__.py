@@ -70,7 +70,7 @@ class ForkLauncher(Launcher):
 
 def share_threads(workers: int) -> None:
     """A worker's share of this process's torch threads: a fused fit takes its jobs' threads
-    within what its process has (train.fit_threads), and the workers run side by side."""
+    within what its process has (fit.fit_threads), and the workers run side by side."""
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads() // workers))
