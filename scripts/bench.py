@@ -162,6 +162,7 @@ def busy(on: bool) -> Iterator[None]:
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what the rule leaves a fit on a busy machine
+IN_SWEEP = ("hydra.sweep.dir=sweep", "hydra.run.dir=sweep")
 
 
 def cli(name: str, *args: str, loaded: bool = False, env: dict[str, str] | None = None) -> float:
@@ -171,7 +172,8 @@ def cli(name: str, *args: str, loaded: bool = False, env: dict[str, str] | None 
     with tempfile.TemporaryDirectory() as cwd, busy(loaded):
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "housing_reg.train", *args, "hydra.sweep.dir=sweep"],
+            # a sweep's jobs, or a lone run, in ./sweep (Hydra takes the one its mode uses)
+            [sys.executable, "-m", "housing_reg.train", *args, *IN_SWEEP],
             cwd=cwd,
             check=True,
             stdout=subprocess.DEVNULL,
@@ -249,6 +251,13 @@ def main() -> None:
     parser.add_argument(
         "--study", action="store_true", help="also scripts/study.sh (idle, busy, 1 thread)"
     )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="leave out the rows whose name contains TEXT (repeatable), e.g. --skip unfused",
+    )
     args = parser.parse_args()
 
     quiet = "callbacks.progress_bar.refresh_rate=1"  # the default: the bar stays on
@@ -295,6 +304,11 @@ def main() -> None:
                 "hydra/launcher=parallel",
             )
     cases |= walls
+    kept = {"plain PyTorch loop (baseline)", "housing_reg Lightning fit", "lone job"}
+    skipped = [n for n in cases if any(t in n for t in args.skip) and not n.startswith(tuple(kept))]
+    for name in skipped:  # the baselines the ratios are taken against always run
+        cases.pop(name)
+        walls.pop(name, None)
     gpu = torch.cuda.is_available()
     if gpu:  # each against the plain stacked loop on the same GPU, in the same run
         for r in (1, 10000):
@@ -315,8 +329,10 @@ def main() -> None:
             kwargs = {"loaded": loaded, "env": env} if fn in (cli, study) else {}
             samples[name].append(fn(*fn_args, **kwargs))
             unit = "s" if name in walls else "µs/step"
+            fits = FITS.get(fn_args[0], []) if fn in (cli, study) else []
+            also = f" (fits {fits[-1]:.2f} s)" if fits else ""
             print(
-                f"[{rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.2f} {unit}",
+                f"[{rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.2f} {unit}{also}",
                 file=sys.stderr,
             )
 
