@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from housing_reg import cores
+
 # Directory names (config.yaml). uid: two runs started in the same instant never share a
 # directory; cached, so every job of a sweep gets its sweep's value. path_safe: a value such as
 # data.path=/tmp/x.csv names one job directory instead of nesting three.
@@ -20,15 +22,9 @@ OmegaConf.register_new_resolver(
 
 # hydra/launcher=parallel: as many worker processes as there are cores for `threads` each,
 # counting the cores this process may use (taskset, a container, a Slurm allocation).
-def _usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 OmegaConf.register_new_resolver(
     "housing_reg.parallel_jobs",
-    lambda threads: max(1, _usable_cpus() // int(threads)),
+    lambda threads: max(1, len(cores.cpus()) // int(threads)),
     replace=True,
 )
 
